@@ -1,0 +1,69 @@
+"""Datasets by name and the loaders built from them.
+
+Add a dataset by writing a builder ``build_<name>(...) -> (train_set, val_set, num_classes)``,
+adding it to DATASETS below, and adding configs/data/<name>.yaml whose keys, besides the
+loader settings (name, batch_size, num_workers), are the builder's arguments.
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from setrain.data.shapes import build_shapes
+from setrain.data.torchvision_sets import build_cifar10, build_stl10
+from setrain.errors import SetrainError
+
+DATASETS = {
+    "shapes": build_shapes,
+    "stl10": build_stl10,
+    "cifar10": build_cifar10,
+}
+
+LOADER_KEYS = ("name", "batch_size", "num_workers")
+
+
+@dataclass
+class DataBundle:
+    train_loader: DataLoader
+    val_loader: DataLoader
+    num_classes: int
+    shuffle_generator: torch.Generator
+    """Seeded by the trainer at each epoch, so the sample order depends only on (seed, epoch)."""
+
+
+def build_data(data_cfg: dict, device: torch.device) -> DataBundle:
+    """Build train/val loaders from a data config such as configs/data/shapes.yaml."""
+    name = data_cfg["name"]
+    if name not in DATASETS:
+        raise SetrainError(f"Unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}.")
+    builder = DATASETS[name]
+    options = {key: value for key, value in data_cfg.items() if key not in LOADER_KEYS}
+    unknown = sorted(set(options) - set(inspect.signature(builder).parameters))
+    if unknown:
+        raise SetrainError(f"Dataset {name!r} does not take the option(s) {', '.join(unknown)}.")
+    batch_size, num_workers = data_cfg["batch_size"], data_cfg["num_workers"]
+    if batch_size < 1 or num_workers < 0:
+        raise SetrainError(
+            f"data.batch_size={batch_size} and data.num_workers={num_workers} must be >= 1 and >= 0."
+        )
+
+    train_set, val_set, num_classes = builder(**options)
+    if len(train_set) < batch_size:
+        raise SetrainError(
+            f"The {name} training set has {len(train_set)} images, fewer than one batch of "
+            f"{batch_size}; lower data.batch_size."
+        )
+    generator = torch.Generator()
+    # Workers are not persistent: fresh workers each epoch draw their seeds from the reseeded
+    # generator, which keeps augmentation, and so a resumed run, identical to an uninterrupted one.
+    loader_options = dict(
+        batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    # Full batches only in training: a last batch of one image would break BatchNorm.
+    train_loader = DataLoader(
+        train_set, shuffle=True, drop_last=True, generator=generator, **loader_options
+    )
+    val_loader = DataLoader(val_set, shuffle=False, **loader_options)
+    return DataBundle(train_loader, val_loader, num_classes, generator)
