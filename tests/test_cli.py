@@ -1,0 +1,73 @@
+"""The real command line, `python train.py ...`, as a user runs it (a few seconds per call)."""
+
+import json
+
+import pytest
+
+from conftest import TINY, assert_user_error, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_then_resume_in_place(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "Done: val top-1" in first.stdout and f"Run dir: {run_dir}" in first.stdout
+    for name in ("checkpoints/last.pt", "checkpoints/best.pt", "results.json", ".hydra/config.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+    resumed = run_cli(*TINY, "trainer.epochs=3", "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed from" in resumed.stdout and "epoch 3/3" in resumed.stdout
+    assert "epoch 1/3" not in resumed.stdout
+    assert json.loads((run_dir / "results.json").read_text())["final"]["epoch"] == 3
+
+
+def test_reduction_sweep_runs_every_job_and_reports_the_one_that_cannot_work(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        "-m", *TINY, "trainer.epochs=1", "model.se.reduction=4,32,8", f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert_user_error(result, "r=32 is too large for a layer of 16 channels", "1 job(s) failed")
+    finished = sorted(path.parent.name for path in sweep_dir.glob("*/results.json"))
+    assert [name.split("_")[0] for name in finished] == ["0", "2"]
+    assert "model.se.reduction=4" in finished[0] and "model.se.reduction=8" in finished[1]
+    assert json.loads((sweep_dir / finished[0] / "results.json").read_text())["params"] > 0
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path):
+    result = run_cli(*TINY, "model.se.reduction=32", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_user_error(result, "setrain: error: SE reduction ratio r=32 is too large")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model=se_resnet51", "Could not find 'model/se_resnet51'"),
+        ("data=mnist", "Could not find 'data/mnist'"),
+        ("optimizer=lamb", "Could not find 'optimizer/lamb'"),
+        ("scheduler=onecycle", "Could not find 'scheduler/onecycle'"),
+        ("trainer.epoch=3", "Key 'epoch' is not in struct"),
+    ],
+)
+def test_unknown_config_names_are_refused_by_hydra(tmp_path, override, message):
+    result = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_user_error(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_checkpoint_is_refused_and_nothing_is_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    last, results = run_dir / "checkpoints" / "last.pt", run_dir / "results.json"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    before = {path: path.read_bytes() for path in (last, results, run_dir / "checkpoints" / "best.pt")}
+
+    result = run_cli(*TINY, "trainer.epochs=3", "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert_user_error(result, f"Checkpoint {last} cannot be read")
+    assert {path: path.read_bytes() for path in before} == before

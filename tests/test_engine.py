@@ -1,0 +1,170 @@
+"""The engine in-process on tiny shapes runs: checkpoints, determinism, errors a user can cause."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from setrain.engine import train, trainer
+from setrain.engine.checkpoint import load_checkpoint, save_checkpoint
+from setrain.engine.loop import topk_correct
+from setrain.errors import SetrainError
+
+from conftest import compose_config
+
+
+def test_topk_counts_targets_among_the_highest_logits():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
+    targets = torch.tensor([1, 2, 0])
+    top1, top2 = topk_correct(logits, targets, ks=(1, 2))
+    assert (top1.item(), top2.item()) == (1, 2)
+
+
+def test_checkpoint_is_replaced_atomically(tmp_path):
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1}, path)
+    save_checkpoint({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 2}, path)
+    assert load_checkpoint(path)["epoch"] == 2
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        (b"\x00\x13random bytes" * 10, "cannot be read"),
+        (pickle.dumps({"epoch": 3}, protocol=2), "cannot be read"),
+    ],
+)
+def test_unreadable_checkpoints_are_refused(tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SetrainError, match=message):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_and_foreign_dict_are_refused(tmp_path):
+    good = tmp_path / "good.pt"
+    save_checkpoint({"model": {"w": torch.zeros(1000)}, "optimizer": {}, "scheduler": {}, "epoch": 1}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:-200])
+    with pytest.raises(SetrainError, match="truncated, corrupt"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "weights.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(SetrainError, match="not a setrain training checkpoint"):
+        load_checkpoint(foreign)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _RunsCode(), "optimizer": {}, "scheduler": {}, "epoch": 1}, path)
+    with pytest.raises(SetrainError, match="cannot be read"):
+        load_checkpoint(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_run_writes_checkpoints_curves_and_results(tiny_config, tmp_path):
+    results = train(tiny_config(), tmp_path)
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "checkpoints" / "best.pt").is_file()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    assert written["model"] == "se_resnet20" and written["final"]["epoch"] == 2
+    assert 0 <= written["best"]["val_top1"] <= 100 and written["params"] > 0
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and state["config"]["model"]["name"] == "se_resnet20"
+
+
+def test_tensorboard_has_train_and_val_curves(tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_config(), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "top1/train", "top1/val", "top5/val", "lr"} <= tags
+    assert [event.step for event in events.Scalars("loss/val")] == [1, 2]
+
+
+def test_same_seed_gives_bitwise_identical_weights(tiny_config, tmp_path):
+    train(tiny_config(), tmp_path / "a")
+    train(tiny_config(), tmp_path / "b")
+    train(tiny_config("seed=1"), tmp_path / "c")
+    a, b, c = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["model"] for run in "abc")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not all(torch.equal(a[key], c[key]) for key in a)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("scheduler", ["plateau", "step", "cosine"])
+def test_resumed_run_ends_identical_to_an_uninterrupted_one(tiny_config, tmp_path, monkeypatch, scheduler):
+    config = tiny_config(f"scheduler={scheduler}", "trainer.epochs=3")
+    train(config, tmp_path / "whole")
+
+    def save_then_stop_after_epoch_1(state, path):
+        save_checkpoint(state, path)
+        if state["epoch"] == 1 and path.name == "last.pt":
+            raise Interrupted
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop_after_epoch_1)
+    with pytest.raises(Interrupted):
+        train(config, tmp_path / "split")
+    monkeypatch.undo()
+    train(tiny_config(f"scheduler={scheduler}", "trainer.epochs=3", "resume=auto"), tmp_path / "split")
+
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")
+    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert split["epoch"] == whole["epoch"] == 3
+    assert all(torch.equal(whole["model"][key], split["model"][key]) for key in whole["model"])
+    assert split["scheduler"] == whole["scheduler"]
+    assert split["best"] == whole["best"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=se_resnet21"], "Unknown model 'se_resnet21'"),
+        (["model.se.reduction=32"], "too large for a layer of 16 channels"),
+        (["model.se.reduction=0"], "must be a positive integer"),
+        (["data.name=mnist"], "Unknown dataset 'mnist'"),
+        (["trainer.epochs=0"], "trainer.epochs=0 must be at least 1"),
+        (["trainer.device=tpu"], "trainer.device='tpu' is not supported"),
+        (["optimizer.lr=-1"], "Could not build the optimizer torch.optim.SGD.*-1"),
+        (["resume=missing.pt"], "Checkpoint missing.pt does not exist"),
+    ],
+)
+def test_user_errors_are_one_clear_sentence(tiny_config, tmp_path, overrides, message):
+    with pytest.raises(SetrainError, match=message):
+        train(tiny_config(*overrides), tmp_path)
+
+
+def test_missing_dataset_is_a_user_error(tmp_path):
+    config = compose_config("data=stl10", "data.root=nowhere", "trainer.device=cpu")
+    with pytest.raises(SetrainError, match="STL10 files not found in nowhere/stl10_binary"):
+        train(config, tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_user_error(tiny_config, tmp_path):
+    with pytest.raises(SetrainError, match="sees no CUDA GPU"):
+        train(tiny_config("trainer.device=cuda"), tmp_path)
+
+
+def test_checkpoint_of_another_model_names_what_differs(tiny_config, tmp_path):
+    train(tiny_config("model=resnet20", "trainer.epochs=1"), tmp_path / "plain")
+    checkpoint = tmp_path / "plain" / "checkpoints" / "last.pt"
+    with pytest.raises(SetrainError, match=r"does not fit this model \(missing: .*se\.excitation"):
+        train(tiny_config(f"resume={checkpoint}"), tmp_path / "se")
