@@ -52,17 +52,17 @@ def make_shapes(
     for start in range(0, size, chunk):
         batch = labels[start : start + chunk]
         n = len(batch)
-        radius = image_size * (0.18 + 0.17 * torch.rand(n, generator=generator))
+        radius = image_size * (0.12 + 0.18 * torch.rand(n, generator=generator))
         centre = radius[:, None] + torch.rand(n, 2, generator=generator) * (image_size - 2 * radius[:, None])
         u = (pixel.view(1, 1, -1) - centre[:, 0, None, None]) / radius[:, None, None]
         v = (pixel.view(1, -1, 1) - centre[:, 1, None, None]) / radius[:, None, None]
         u, v = torch.broadcast_tensors(u, v)
         mask = _shape_masks(batch, u, v).unsqueeze(1)
         background = torch.rand(n, 3, 1, 1, generator=generator)
-        # Every channel differs from the background by 0.35..0.65, so the shape is always visible.
-        foreground = (background + 0.35 + 0.3 * torch.rand(n, 3, 1, 1, generator=generator)) % 1.0
+        # Every channel differs from the background by 0.25..0.75, so the shape is always visible.
+        foreground = (background + 0.25 + 0.5 * torch.rand(n, 3, 1, 1, generator=generator)) % 1.0
         image = torch.where(mask, foreground, background)
-        noise_level = 0.02 + 0.08 * torch.rand(n, 1, 1, 1, generator=generator)
+        noise_level = 0.05 + 0.20 * torch.rand(n, 1, 1, 1, generator=generator)
         image = image + noise_level * torch.randn(image.shape, generator=generator)
         images[start : start + n] = (image.clamp(0, 1) * 255).round().to(torch.uint8)
     return images, labels
@@ -84,7 +84,7 @@ class ShapesDataset(Dataset):
 
 
 def build_shapes(
-    image_size: int = 32, train_size: int = 5000, val_size: int = 1000, seed: int = 0
+    image_size: int = 32, train_size: int = 10000, val_size: int = 1000, seed: int = 0
 ) -> tuple[Dataset, Dataset, int]:
     """Train and validation sets from independent seeded streams (2*seed and 2*seed+1)."""
     if image_size < 8:
