@@ -46,20 +46,21 @@ def _to_normalized_tensor(mean, std) -> list:
 
 def _load(dataset_class, root: str, download: bool, description: str, folder: str, url: str, **kwargs):
     """Build a torchvision dataset, turning its download, missing-file and format errors into one sentence."""
-    expected = Path(root) / folder
+    root = Path(root).absolute()
+    expected = root / folder
     try:
         dataset = dataset_class(root, download=download, **kwargs)
     except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as error:
         reason = f"{type(error).__name__}: {error}"
         if download:
             raise SetrainError(
-                f"Could not download {description} into {Path(root)} ({reason}); check the "
+                f"Could not download {description} into {root} ({reason}); check the "
                 f"internet connection, or download {url} yourself and extract it there."
             ) from error
         if isinstance(error, RuntimeError) and "not found" in str(error):
             raise SetrainError(
                 f"{description} files not found in {expected}; set data.download=true to fetch "
-                f"them (needs internet), or download {url} and extract it into {Path(root)}."
+                f"them (needs internet), or download {url} and extract it into {root}."
             ) from error
         raise SetrainError(
             f"Could not read {description} in {expected} ({reason}); the files are damaged or "

@@ -70,7 +70,10 @@ def _resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
         return None
     if resume == "auto":
         last = checkpoint_dir / "last.pt"
-        return last if last.is_file() else None
+        if last.is_file():
+            return last
+        log.info("resume=auto: no %s yet, starting from scratch", last)
+        return None
     return Path(resume)
 
 
