@@ -168,3 +168,12 @@ def test_checkpoint_of_another_model_names_what_differs(tiny_config, tmp_path):
     checkpoint = tmp_path / "plain" / "checkpoints" / "last.pt"
     with pytest.raises(SetrainError, match=r"does not fit this model \(missing: .*se\.excitation"):
         train(tiny_config(f"resume={checkpoint}"), tmp_path / "se")
+
+
+def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+    train(tiny_config("trainer.epochs=1"), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    good = last.read_bytes()
+    with pytest.raises(SetrainError, match="training loss became (nan|inf).*lower the learning rate"):
+        train(tiny_config("optimizer.lr=1e30"), tmp_path)
+    assert last.read_bytes() == good

@@ -1,5 +1,6 @@
 """One training epoch and one evaluation pass: plain loops that read top to bottom."""
 
+import math
 import time
 
 import torch
@@ -54,7 +55,7 @@ def train_one_epoch(
                 refresh=False,
             )
     mean_loss = loss_sum.item() / seen
-    if not torch.isfinite(torch.tensor(mean_loss)):
+    if not math.isfinite(mean_loss):
         raise SetrainError(
             f"The training loss became {mean_loss} ({description}); lower the learning rate "
             "(optimizer.lr). The last good checkpoint was left untouched."

@@ -23,23 +23,27 @@ def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets)."""
+    """Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets), SE, and the shortcut."""
 
     expansion = 1
 
     def __init__(self, in_channels: int, width: int, stride: int, se: dict | None):
         super().__init__()
         out_channels = width * self.expansion
-        self.residual = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
+        self.residual = self.residual_branch(in_channels, width, stride)
         self.se = SEBlock(out_channels, **se) if se is not None else nn.Identity()
         self.shortcut = _projection(in_channels, out_channels, stride)
         self.relu = nn.ReLU(inplace=True)
+
+    @staticmethod
+    def residual_branch(in_channels: int, width: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.relu(self.se(self.residual(x)) + self.shortcut(x))
@@ -50,18 +54,17 @@ class Bottleneck(BasicBlock):
 
     expansion = 4
 
-    def __init__(self, in_channels: int, width: int, stride: int, se: dict | None):
-        super().__init__(in_channels, width, stride, se)
-        out_channels = width * self.expansion
-        self.residual = nn.Sequential(
+    @staticmethod
+    def residual_branch(in_channels: int, width: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(
             nn.Conv2d(in_channels, width, 1, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
             nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            nn.Conv2d(width, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            nn.Conv2d(width, width * Bottleneck.expansion, 1, bias=False),
+            nn.BatchNorm2d(width * Bottleneck.expansion),
         )
 
 
@@ -112,7 +115,6 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
-        self.num_features = in_channels
 
         for module in self.modules():
             if isinstance(module, nn.Conv2d):

@@ -28,7 +28,6 @@ class SEBlock(nn.Module):
                 f"({channels}//{reduction} = 0 hidden units); use r <= {channels} "
                 "(set model.se.reduction)."
             )
-        self.reduction = reduction
         self.excitation = nn.Sequential(
             nn.Linear(channels, hidden),
             nn.ReLU(inplace=True),
