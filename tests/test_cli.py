@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import TINY, assert_user_error, run_cli
+from formats import write_cifar10, write_stl10
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +72,15 @@ def test_corrupt_checkpoint_is_refused_and_nothing_is_overwritten(tmp_path):
     result = run_cli(*TINY, "trainer.epochs=3", "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert_user_error(result, f"Checkpoint {last} cannot be read")
     assert {path: path.read_bytes() for path in before} == before
+
+
+@pytest.mark.parametrize("name, write", [("cifar10", write_cifar10), ("stl10", write_stl10)])
+def test_torchvision_datasets_train_from_official_format_files(tmp_path, name, write):
+    write(tmp_path / "datasets")
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        f"data={name}", "data.batch_size=8", "data.num_workers=0", "trainer.epochs=1",
+        f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "results.json").read_text())["data"] == name
