@@ -116,3 +116,9 @@ def test_local_files_are_used_without_downloading(tmp_path, monkeypatch):
     write_stl10(tmp_path)
     data = build_data(data_config("stl10", root=str(tmp_path), download=True), CPU)
     assert len(data.train_loader.dataset) == 20
+
+
+def test_empty_validation_set_is_refused():
+    config = data_config("shapes", image_size=16, train_size=10, val_size=0, seed=0)
+    with pytest.raises(SetrainError, match="validation set is empty"):
+        build_data(config, CPU)

@@ -55,6 +55,8 @@ def build_data(data_cfg: dict, device: torch.device) -> DataBundle:
             f"The {name} training set has {len(train_set)} images, fewer than one batch of "
             f"{batch_size}; lower data.batch_size."
         )
+    if len(val_set) == 0:
+        raise SetrainError(f"The {name} validation set is empty; give it images (data.val_size for shapes).")
     generator = torch.Generator()
     # Workers are not persistent: fresh workers each epoch draw their seeds from the reseeded
     # generator, which keeps augmentation, and so a resumed run, identical to an uninterrupted one.
