@@ -116,6 +116,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "Training %s (%s parameters) on %s for %d epochs on %s; run dir %s",
         cfg.model.name, f"{num_params:,}", cfg.data.name, cfg.trainer.epochs, device, run_dir,
     )  # fmt: skip
+    resolved_config = OmegaConf.to_container(cfg, resolve=True)
     writer = SummaryWriter(run_dir / "tb")
     for epoch in range(first_epoch, cfg.trainer.epochs + 1):
         # The sample order depends only on (seed, epoch), so a resumed run sees the same batches.
@@ -131,11 +132,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         else:
             scheduler.step()
 
+        val_record = {f"val_{key}": value for key, value in val_metrics.items()}
         last_metrics = {
             "epoch": epoch,
             "lr": lr,
             **{f"train_{key}": value for key, value in train_metrics.items()},
-            **{f"val_{key}": value for key, value in val_metrics.items()},
+            **val_record,
         }
         for key, value in train_metrics.items():
             writer.add_scalar(f"{key}/train", value, epoch)
@@ -146,7 +148,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
         is_best = val_metrics["top1"] > best["val_top1"]
         if is_best:
-            best = {"epoch": epoch, **{f"val_{k}": v for k, v in val_metrics.items()}}
+            best = {"epoch": epoch, **val_record}
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -155,7 +157,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             "best": best,
             "metrics": last_metrics,
             "rng": rng_states(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": resolved_config,
         }
         save_checkpoint(state, checkpoint_dir / "last.pt")
         if is_best:
