@@ -47,6 +47,7 @@ class MobileNetV1(nn.Module):
         super().__init__()
         if se is not None:
             check_se_options(se, SE_OPTIONS)
+        self.native_input_size = 224  # what the design was made for
         in_channels = int(32 * width_mult)
         self.stem = nn.Sequential(*_conv_bn_relu(in_chans, in_channels, 3, 2))
         blocks = []

@@ -184,6 +184,7 @@ class ResNet(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
+        self.native_input_size = 32 if stem == "cifar" else 224  # what the design was made for
         self.stem, in_channels = _stem(stem, in_chans, widths[0])
         stage_se, placement = _se_per_stage(se, len(layers))
         stages = []
