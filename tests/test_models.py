@@ -232,3 +232,11 @@ def test_models_compile_into_one_graph():
     x = torch.randn(2, 3, 16, 16)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_takes_num_classes_and_in_chans(name):
+    """Checked on the meta device: shapes only, so even SENet-154 costs milliseconds."""
+    with torch.device("meta"):
+        model = create_model(name, num_classes=3, in_chans=1)
+        assert model(torch.empty(2, 1, 64, 64)).shape == (2, 3)
