@@ -9,7 +9,6 @@ fresh initialisation.
 """
 
 import logging
-import pickle
 import re
 from pathlib import Path
 
@@ -26,8 +25,11 @@ _LAYOUTS = {"torchvision": "torchvision", "timm": "torchvision", "cadene": "cade
 _LAYOUT_NAMES = {"torchvision": "torchvision/timm", "cadene": "Cadene/timm legacy_*", "setrain": "setrain"}
 
 # Cadene's SE-ResNet-50/101/152 (its SEResNetBottleneck) stride the first 1x1 conv, as the Caffe
-# models did; its SE-ResNeXts, SENet-154 and SE-ResNet-18/34 stride the 3x3, as we do.
+# models did; its SE-ResNeXts and SENet-154 stride the 3x3, as we do.
 _STRIDE_IN_FIRST_CONV = ("se_resnet50", "se_resnet101", "se_resnet152")
+# timm's legacy_seresnet18/34 (trained in timm; Cadene has no such models) apply a ReLU after the
+# second BN, before SE.
+_RELU_BEFORE_SE = ("se_resnet18", "se_resnet34")
 
 
 def read_state_dict(path: Path | str) -> dict[str, Tensor]:
@@ -41,14 +43,12 @@ def read_state_dict(path: Path | str) -> dict[str, Tensor]:
         )
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise SetrainError(f"Pretrained weights {path} are corrupt or not a PyTorch file.") from error
-        raise SetrainError(
-            f"Pretrained weights {path} hold pickled Python objects, which could run code, so "
-            "they are not loaded; re-save the weights alone with torch.save(model.state_dict(), path)."
-        ) from error
     except Exception as error:  # torch raises many types for a damaged file
+        if "Unsupported global" in str(error):  # what weights_only refuses to unpickle
+            raise SetrainError(
+                f"Pretrained weights {path} hold pickled Python objects, which could run code, so "
+                "they are not loaded; re-save the weights alone with torch.save(model.state_dict(), path)."
+            ) from error
         raise SetrainError(
             f"Pretrained weights {path} cannot be read ({type(error).__name__}): the file is "
             "truncated, corrupt or not a PyTorch file."
@@ -135,10 +135,12 @@ def _listed(items: list[str]) -> str:
 def adapt_to_cadene_layout(model: nn.Module, model_name: str) -> list[str]:
     """Make `model` compute what Cadene's SENets (timm's legacy_*) compute with the same weights.
 
-    Their parameters have our shapes, but two choices of the original Caffe models change the
+    Their parameters have our shapes, but choices of the original Caffe models change the
     outputs, so weights trained with them need them: the stem's 3x3/2 max pool rounds up
     (ceil_mode) instead of padding by 1, and SE-ResNet-50/101/152 put a block's stride on its first
-    1x1 conv instead of the 3x3. Returns what was changed, for the log.
+    1x1 conv instead of the 3x3; timm's SE-ResNet-18/34 ports add a ReLU before SE. None of this
+    changes a key, so a checkpoint of the adapted model loads into it again. Returns what was
+    changed, for the log.
     """
     changes = []
     if isinstance(model.stem[-1], nn.MaxPool2d):
@@ -149,6 +151,10 @@ def adapt_to_cadene_layout(model: nn.Module, model_name: str) -> list[str]:
             first, middle = block.residual[0], block.residual[3]
             first.stride, middle.stride = middle.stride, first.stride
         changes.append("stride on the first 1x1 conv of each downsampling block")
+    if model_name in _RELU_BEFORE_SE:
+        for block in (block for stage in model.stages for block in stage):
+            block.residual.append(nn.ReLU(inplace=True))
+        changes.append("a ReLU before SE in each block")
     return changes
 
 
