@@ -1,4 +1,4 @@
-"""Import weights from a local file: torchvision, timm and Cadene (pretrained-models) ResNet-family state dicts.
+"""Weight import from a local file: torchvision, timm and Cadene (pretrained-models) ResNet state dicts.
 
 Nothing is downloaded: `model.pretrained=<path>` names a file saved with ``torch.save``. Keys are
 renamed to ours (`layer2.0.conv2` -> `stages.1.0.residual.3`), the 1x1-conv excitation kernels of
@@ -128,19 +128,16 @@ def convert_state_dict(state_dict: dict[str, Tensor], layout: str) -> dict[str, 
     return converted
 
 
-def _listed(items: list[str]) -> str:
-    return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
-
-
 def adapt_to_cadene_layout(model: nn.Module, model_name: str) -> list[str]:
     """Make `model` compute what Cadene's SENets (timm's legacy_*) compute with the same weights.
 
     Their parameters have our shapes, but choices of the original Caffe models change the
     outputs, so weights trained with them need them: the stem's 3x3/2 max pool rounds up
     (ceil_mode) instead of padding by 1, and SE-ResNet-50/101/152 put a block's stride on its first
-    1x1 conv instead of the 3x3; timm's SE-ResNet-18/34 ports add a ReLU before SE. None of this
-    changes a key, so a checkpoint of the adapted model loads into it again. Returns what was
-    changed, for the log.
+    1x1 conv instead of the 3x3; timm's SE-ResNet-18/34 ports add a ReLU before SE. No key or shape
+    changes: a run resumed with the same config imports the file again and so gets the same
+    layout, but a checkpoint of it used as `model.pretrained` does not. Returns what was changed,
+    for the log.
     """
     changes = []
     if isinstance(model.stem[-1], nn.MaxPool2d):
@@ -158,69 +155,78 @@ def adapt_to_cadene_layout(model: nn.Module, model_name: str) -> list[str]:
     return changes
 
 
-def load_pretrained(model: nn.Module, model_name: str, path: Path | str, format: str = "auto") -> None:
-    """Load the weights file `path` into `model` (built as `model_name`), refusing any misfit.
-
-    `format`: "auto" (from the key names), "torchvision", "timm", "cadene" (also timm's
-    legacy_* models) or "setrain" (a state dict or checkpoint of this project).
-    """
-    if format not in FORMATS:
-        raise SetrainError(
-            f"model.pretrained_format={format!r} is not known; choose one of: {', '.join(FORMATS)}."
-        )
-    state_dict = read_state_dict(path)
-    layout = detect_layout(state_dict)
-    if format != "auto" and _LAYOUTS[format] != layout:
-        raise SetrainError(
-            f"Pretrained weights {path} have {_LAYOUT_NAMES[layout]} keys, not {format} ones; "
-            f"set model.pretrained_format=auto."
-        )
-    converted = convert_state_dict(state_dict, layout)
-    expected = model.state_dict()
-
-    left_at_init, keep_init = [], set()
-    file_fc, our_fc = converted.get("fc.weight", ("", None))[1], expected.get("fc.weight")
-    if file_fc is not None and our_fc is not None and file_fc.shape[0] != our_fc.shape[0] and (
-        file_fc.shape[1:] == our_fc.shape[1:]
-    ):  # fine-tuning to another number of classes
-        keep_init |= {"fc.weight", "fc.bias"}
-        left_at_init.append(f"classifier fc ({file_fc.shape[0]} classes in the file, {our_fc.shape[0]} here)")
+def _kept_at_init(converted: dict, expected: dict) -> tuple[set[str], list[str]]:
+    """The keys of our model that may stay at their init, and why, for the log."""
+    keys, reasons = set(), []
+    if "fc.weight" in converted and "fc.weight" in expected:
+        file_shape, our_shape = converted["fc.weight"][1].shape, expected["fc.weight"].shape
+        if file_shape[0] != our_shape[0] and file_shape[1:] == our_shape[1:]:  # fine-tuning
+            keys |= {"fc.weight", "fc.bias"}
+            reasons.append(f"classifier fc ({file_shape[0]} classes in the file, {our_shape[0]} here)")
     se_keys = {key for key in expected if ".excitation." in key}
     if se_keys and not any(".excitation." in key for key in converted):  # a network without SE
-        keep_init |= se_keys
-        left_at_init.append(f"SE layers ({len(se_keys)} tensors), absent from the file")
-    converted = {key: item for key, item in converted.items() if key not in keep_init}
+        keys |= se_keys
+        reasons.append(f"SE layers ({len(se_keys)} tensors), absent from the file")
+    return keys, reasons
+
+
+def _listed(items: list[str]) -> str:
+    return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+
+def _misfits(converted: dict, expected: dict, kept_at_init: set[str]) -> str:
+    """The missing, unexpected and shape-mismatched tensors (a few of each), or "" when all fit."""
     missing = [
         key for key in expected
-        if key not in converted and key not in keep_init and not key.endswith("num_batches_tracked")
+        if key not in converted and key not in kept_at_init and not key.endswith("num_batches_tracked")
     ]  # fmt: skip
     unexpected = [source for key, (source, _) in converted.items() if key not in expected]
     mismatched = [
         key for key, (_, value) in converted.items() if key in expected and value.shape != expected[key].shape
     ]
+    shapes = [
+        f"{converted[key][0]} {tuple(converted[key][1].shape)} vs {tuple(expected[key].shape)}"
+        for key in mismatched
+    ]
     problems = [
         f"{label}: {_listed(keys)}"
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape file vs model", [
-                f"{converted[key][0]} {tuple(converted[key][1].shape)} vs {tuple(expected[key].shape)}"
-                for key in mismatched
-            ]),
-        )
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape file vs model", shapes))
         if keys
-    ]  # fmt: skip
-    if problems:
-        se_hint = (
-            " (SE widths differ: timm's seresnet18/34 round them up to a multiple of 8, its "
-            "legacy_seresnet18/34 do not)"
-            if any(".excitation." in key for key in mismatched)
-            else ""
+    ]
+    if any(".excitation." in key for key in mismatched):
+        problems.append(
+            "the SE widths differ: check model.se.reduction; timm's seresnet18/34 round them up to "
+            "a multiple of 8, its legacy_seresnet18/34 do not"
         )
+    return "; ".join(problems)
+
+
+def load_pretrained(model: nn.Module, model_name: str, path: Path | str, file_format: str = "auto") -> None:
+    """Load the weights file `path` into `model` (built as `model_name`), refusing any misfit.
+
+    `file_format`: "auto" (from the key names), "torchvision", "timm", "cadene" (also timm's
+    legacy_* models) or "setrain" (a state dict or checkpoint of this project).
+    """
+    if file_format not in FORMATS:
+        raise SetrainError(
+            f"model.pretrained_format={file_format!r} is not known; choose one of: {', '.join(FORMATS)}."
+        )
+    state_dict = read_state_dict(path)
+    layout = detect_layout(state_dict)
+    if file_format != "auto" and _LAYOUTS[file_format] != layout:
+        raise SetrainError(
+            f"Pretrained weights {path} have {_LAYOUT_NAMES[layout]} keys, not {file_format} ones; "
+            "set model.pretrained_format=auto."
+        )
+    converted = convert_state_dict(state_dict, layout)
+    expected = model.state_dict()
+    kept_at_init, reasons = _kept_at_init(converted, expected)
+    converted = {key: item for key, item in converted.items() if key not in kept_at_init}
+    if misfits := _misfits(converted, expected, kept_at_init):
         raise SetrainError(
             f"Pretrained weights {path} ({_LAYOUT_NAMES[layout]} layout) do not fit model "
-            f"{model_name} ({'; '.join(problems)}){se_hint}; choose the model the weights were "
-            "trained as, with its default SE options."
+            f"{model_name} ({misfits}); choose the model the weights were trained as, with its "
+            "default SE options."
         )
 
     changes = adapt_to_cadene_layout(model, model_name) if layout == "cadene" else []
@@ -228,6 +234,6 @@ def load_pretrained(model: nn.Module, model_name: str, path: Path | str, format:
     log.info(
         "Imported %d tensors from %s (%s layout) into %s%s%s",
         len(converted), path, _LAYOUT_NAMES[layout], model_name,
-        f"; left at their init: {', '.join(left_at_init)}" if left_at_init else "",
+        f"; left at their init: {', '.join(reasons)}" if reasons else "",
         f"; adapted to the weights' layout: {', '.join(changes)}" if changes else "",
     )  # fmt: skip

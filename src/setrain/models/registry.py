@@ -76,7 +76,6 @@ def build_model(model_cfg: dict, num_classes: int) -> nn.Module:
         model_cfg["name"], num_classes=num_classes, **options, **model_cfg.get("se", {})
     )
     if model_cfg.get("pretrained") is not None:
-        load_pretrained(
-            model, model_cfg["name"], model_cfg["pretrained"], model_cfg.get("pretrained_format", "auto")
-        )
+        file_format = model_cfg.get("pretrained_format", "auto")
+        load_pretrained(model, model_cfg["name"], model_cfg["pretrained"], file_format)
     return model
