@@ -275,7 +275,7 @@ def test_cli_trains_from_imported_weights(tmp_path):
     common = (*TINY, "trainer.epochs=1", "model=resnet20", f"hydra.run.dir={run_dir}")
     result = run_cli(*common, "optimizer.lr=0", "model.pretrained=resnet20.pt", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "Imported 65 tensors from resnet20.pt (setrain layout) into resnet20" in result.stdout
+    assert "Imported 128 tensors from resnet20.pt (setrain layout) into resnet20" in result.stdout
     trained = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["model"]
     torch.testing.assert_close(trained["stem.0.weight"], weights["stem.0.weight"], rtol=0, atol=0)
 
