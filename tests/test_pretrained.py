@@ -32,14 +32,15 @@ def randomised(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def saved(reference: torch.nn.Module, tmp_path, **save_args) -> str:
+def saved(reference: torch.nn.Module, tmp_path) -> str:
     path = tmp_path / "weights.pth"
-    torch.save(reference.state_dict(), path, **save_args)
+    torch.save(reference.state_dict(), path)
     return str(path)
 
 
-def imported(name: str, path: str, model=None, **kwargs) -> torch.nn.Module:
-    model = model if model is not None else create_model(name, **kwargs)
+def imported(name: str, path: str, model=None) -> torch.nn.Module:
+    """`model` (by default `create_model(name)`) with the weights of `path`, in eval mode."""
+    model = model if model is not None else create_model(name)
     load_pretrained(model, name, path)
     return model.eval()
 
@@ -101,7 +102,8 @@ def padded_stem_pool(model):
 
 def stride_on_the_3x3(model):
     for block in blocks(model):
-        block.residual[0].stride, block.residual[3].stride = (1, 1), block.residual[0].stride
+        first, middle = block.residual[0], block.residual[3]
+        first.stride, middle.stride = middle.stride, first.stride
 
 
 def no_relu_before_se(model):
@@ -162,7 +164,6 @@ def test_large_models_map_key_for_key_and_shape_for_shape(reference, name):
 
 def test_plain_weights_into_an_se_model_leave_se_at_init(tmp_path, caplog):
     reference = randomised(TV.resnet18())
-    torch.manual_seed(0)
     model = create_model("se_resnet18")
     initial = {key: value.clone() for key, value in model.state_dict().items()}
     with caplog.at_level(logging.INFO, logger="setrain.models.pretrained"):
@@ -176,7 +177,6 @@ def test_plain_weights_into_an_se_model_leave_se_at_init(tmp_path, caplog):
 
 def test_another_number_of_classes_replaces_the_classifier(tmp_path, caplog):
     reference = randomised(TV.resnet18())
-    torch.manual_seed(0)
     model = create_model("resnet18", num_classes=10)
     fresh_fc = model.fc.weight.detach().clone()
     with caplog.at_level(logging.INFO, logger="setrain.models.pretrained"):
