@@ -7,6 +7,7 @@ from typing import Callable
 from torch import nn
 
 from setrain.errors import SetrainError
+from setrain.models.pretrained import load_pretrained
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -65,9 +66,16 @@ def build_model(model_cfg: dict, num_classes: int) -> nn.Module:
     """The model a `model:` config describes (configs/model/<name>.yaml).
 
     `name` picks the factory; the SE options under `se` and any other keys (e.g. `width_mult`)
-    are its keyword arguments.
+    are its keyword arguments. `pretrained` names a weights file to import (see
+    `setrain.models.pretrained`); it is imported even when a run resumes, because a Cadene file
+    also sets the layout, and the checkpoint's weights then replace the imported ones.
     """
-    options = {key: value for key, value in model_cfg.items() if key not in ("name", "se")}
-    return create_model(
+    reserved = ("name", "se", "pretrained", "pretrained_format")
+    options = {key: value for key, value in model_cfg.items() if key not in reserved}
+    model = create_model(
         model_cfg["name"], num_classes=num_classes, **options, **model_cfg.get("se", {})
     )
+    if model_cfg.get("pretrained") is not None:
+        file_format = model_cfg.get("pretrained_format", "auto")
+        load_pretrained(model, model_cfg["name"], model_cfg["pretrained"], file_format)
+    return model
