@@ -214,9 +214,9 @@ def write(tmp_path, content) -> str:
 @pytest.mark.parametrize(
     "content, message",
     [
-        (None, r"do not exist; set model.pretrained to a local"),
-        (b"not a torch file", r"cannot be read \(.*\): the file is truncated, corrupt"),
-        (torch.nn.Linear(2, 2), r"hold pickled Python objects.*torch.save\(model.state_dict\(\), path\)"),
+        (None, r"weights file .* does not exist; set model.pretrained to a local"),
+        (b"not a torch file", r"cannot be read \(.*\): it is truncated, corrupt"),
+        (torch.nn.Linear(2, 2), r"holds pickled Python objects.*torch.save\(model.state_dict\(\), path\)"),
         ({"epoch": 3, "lr": 0.1}, r"are not a state dict"),
         ({"encoder.weight": torch.zeros(1)}, r"keys \(encoder.weight, ...\) are not those of a torchvision"),
     ],
@@ -281,5 +281,5 @@ def test_cli_trains_from_imported_weights(tmp_path):
 
     (tmp_path / "broken.pt").write_bytes(b"truncated")
     result = run_cli(*common, "model.pretrained=broken.pt", cwd=tmp_path)
-    assert_user_error(result, "setrain: error: Pretrained weights broken.pt cannot be read")
+    assert_user_error(result, "setrain: error: The pretrained weights file broken.pt cannot be read")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from setrain.errors import SetrainError
+from setrain.files import load_torch_file
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch")
 
@@ -25,18 +26,13 @@ def save_checkpoint(state: dict, path: Path) -> None:
 def load_checkpoint(path: Path | str) -> dict:
     """Read a setrain training checkpoint onto the CPU, refusing anything that is not one."""
     path = Path(path)
-    if not path.is_file():
-        raise SetrainError(
-            f"Checkpoint {path} does not exist; pass resume=<path to a checkpoint .pt file> "
-            "or resume=auto to continue from this run directory's checkpoints/last.pt."
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged file
-        raise SetrainError(
-            f"Checkpoint {path} cannot be read ({type(error).__name__}): it is truncated, corrupt "
-            "or not a PyTorch checkpoint; resume from another one, such as checkpoints/best.pt."
-        ) from error
+    state = load_torch_file(
+        path,
+        f"Checkpoint {path}",
+        missing_fix="pass resume=<path to a checkpoint .pt file> or resume=auto to continue from "
+        "this run directory's checkpoints/last.pt",
+        unreadable_fix="resume from another one, such as checkpoints/best.pt",
+    )
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise SetrainError(
             f"Checkpoint {path} is not a setrain training checkpoint (it lacks "

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from setrain.errors import SetrainError
+from setrain.files import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +37,12 @@ def read_state_dict(path: Path | str) -> dict[str, Tensor]:
     """The tensors of a weights file: a bare state dict or one under "state_dict" or "model"
     (timm's and setrain's checkpoints), read as data only and without a DDP "module." prefix."""
     path = Path(path)
-    if not path.is_file():
-        raise SetrainError(
-            f"Pretrained weights {path} do not exist; set model.pretrained to a local .pt/.pth "
-            "file (nothing is downloaded)."
-        )
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged file
-        if "Unsupported global" in str(error):  # what weights_only refuses to unpickle
-            raise SetrainError(
-                f"Pretrained weights {path} hold pickled Python objects, which could run code, so "
-                "they are not loaded; re-save the weights alone with torch.save(model.state_dict(), path)."
-            ) from error
-        raise SetrainError(
-            f"Pretrained weights {path} cannot be read ({type(error).__name__}): the file is "
-            "truncated, corrupt or not a PyTorch file."
-        ) from error
+    content = load_torch_file(
+        path,
+        f"The pretrained weights file {path}",
+        missing_fix="set model.pretrained to a local .pt/.pth file (nothing is downloaded)",
+        unreadable_fix="download or save the weights again",
+    )
     for wrapper in ("state_dict", "model"):
         if isinstance(content, dict) and isinstance(content.get(wrapper), dict):
             content = content[wrapper]
