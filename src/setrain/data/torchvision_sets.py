@@ -1,4 +1,4 @@
-"""STL10 and CIFAR-10 through torchvision's own dataset classes.
+"""CIFAR-10, CIFAR-100 and STL10 through torchvision's own dataset classes.
 
 torchvision checks the md5 of every extracted file, which refuses any correctly formatted copy
 that is not byte-identical to the official one (a re-packed copy, or the small files the tests
@@ -10,14 +10,14 @@ parsing them, and a file that does not parse gets a clear error.
 import pickle
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
-from torchvision.transforms import v2
 
+from setrain.data.transforms import build_transforms, resize_to
 from setrain.errors import SetrainError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 STL10_MEAN, STL10_STD = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
 
 
@@ -33,6 +33,14 @@ class CIFAR10Files(datasets.CIFAR10):
     meta = {**datasets.CIFAR10.meta, "md5": None}
 
 
+class CIFAR100Files(datasets.CIFAR100):
+    """CIFAR-100's python-version files (fine labels); md5 verified on the downloaded archive only."""
+
+    train_list = _presence_only(datasets.CIFAR100.train_list)
+    test_list = _presence_only(datasets.CIFAR100.test_list)
+    meta = {**datasets.CIFAR100.meta, "md5": None}
+
+
 class STL10Files(datasets.STL10):
     """STL10's binary files (labelled splits); md5 verified on the downloaded archive only."""
 
@@ -40,14 +48,9 @@ class STL10Files(datasets.STL10):
     test_list = _presence_only(datasets.STL10.test_list)
 
 
-def _to_normalized_tensor(mean, std) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-
-
-def _load(dataset_class, root: str, download: bool, description: str, folder: str, url: str, **kwargs):
+def _load(dataset_class, root: Path, download: bool, description: str, **kwargs):
     """Build a torchvision dataset, turning its download, missing-file and format errors into one sentence."""
-    root = Path(root).absolute()
-    expected = root / folder
+    expected, url = root / dataset_class.base_folder, dataset_class.url
     try:
         dataset = dataset_class(root, download=download, **kwargs)
     except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as error:
@@ -77,35 +80,45 @@ def _load(dataset_class, root: str, download: bool, description: str, folder: st
     return dataset
 
 
-def build_cifar10(root: str = "datasets", download: bool = False) -> tuple[Dataset, Dataset, int]:
-    """CIFAR-10 with the standard recipe: pad-4 random crop and horizontal flip for training."""
-    train_transform = v2.Compose(
-        [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
-        + _to_normalized_tensor(CIFAR10_MEAN, CIFAR10_STD)
+def _build(
+    dataset_class, description: str, native_size: int, mean, std, train_split: dict, val_split: dict,
+    root: str, download: bool, image_size: int, augment: str,
+) -> tuple[Dataset, Dataset, int]:  # fmt: skip
+    """Train and val sets of one official-file dataset; only the training split downloads."""
+    train_transform, val_transform = build_transforms(
+        augment, image_size, resize_to(image_size, native_size), mean, std
     )
-    val_transform = v2.Compose(_to_normalized_tensor(CIFAR10_MEAN, CIFAR10_STD))
-    common = dict(
-        description="CIFAR-10",
-        folder=CIFAR10Files.base_folder,
-        url=CIFAR10Files.url,
-    )
-    train = _load(CIFAR10Files, root, download, train=True, transform=train_transform, **common)
-    val = _load(CIFAR10Files, root, False, train=False, transform=val_transform, **common)
-    return train, val, 10
+    root = Path(root).absolute()
+    train = _load(dataset_class, root, download, description, transform=train_transform, **train_split)
+    val = _load(dataset_class, root, False, description, transform=val_transform, **val_split)
+    return train, val, len(train.classes)
+
+
+def build_cifar10(
+    root: str = "datasets", download: bool = False, image_size: int = 32, augment: str = "cifar"
+) -> tuple[Dataset, Dataset, int]:
+    """CIFAR-10: 50,000 training and 10,000 test images of 32 px in 10 classes."""
+    splits = dict(train_split={"train": True}, val_split={"train": False})
+    return _build(CIFAR10Files, "CIFAR-10", 32, CIFAR10_MEAN, CIFAR10_STD, **splits,
+                  root=root, download=download, image_size=image_size, augment=augment)  # fmt: skip
+
+
+def build_cifar100(
+    root: str = "datasets", download: bool = False, image_size: int = 32, augment: str = "cifar"
+) -> tuple[Dataset, Dataset, int]:
+    """CIFAR-100: the same images and loader as CIFAR-10, with 100 fine-grained classes."""
+    splits = dict(train_split={"train": True}, val_split={"train": False})
+    return _build(CIFAR100Files, "CIFAR-100", 32, CIFAR100_MEAN, CIFAR100_STD, **splits,
+                  root=root, download=download, image_size=image_size, augment=augment)  # fmt: skip
 
 
 def build_stl10(
-    root: str = "datasets", download: bool = False, image_size: int = 96
+    root: str = "datasets", download: bool = False, image_size: int = 96, augment: str = "cifar"
 ) -> tuple[Dataset, Dataset, int]:
-    """STL10's labelled train (5,000) and test (8,000) splits at 96 px, optionally resized."""
-    resize = [v2.Resize(image_size, antialias=True)] if image_size != 96 else []
-    train_transform = v2.Compose(
-        resize
-        + [v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
-        + _to_normalized_tensor(STL10_MEAN, STL10_STD)
-    )
-    val_transform = v2.Compose(resize + _to_normalized_tensor(STL10_MEAN, STL10_STD))
-    common = dict(description="STL10", folder=STL10Files.base_folder, url=STL10Files.url)
-    train = _load(STL10Files, root, download, split="train", transform=train_transform, **common)
-    val = _load(STL10Files, root, False, split="test", transform=val_transform, **common)
-    return train, val, 10
+    """STL10's labelled train (5,000) and test (8,000) splits at 96 px, optionally resized.
+
+    The unlabelled split (100,000 images) is not loaded: training here is supervised.
+    """
+    splits = dict(train_split={"split": "train"}, val_split={"split": "test"})
+    return _build(STL10Files, "STL10", 96, STL10_MEAN, STL10_STD, **splits,
+                  root=root, download=download, image_size=image_size, augment=augment)  # fmt: skip
