@@ -88,7 +88,9 @@ def write_image_folder(
 IMAGENET_WNIDS = ["n01440764", "n01443537", "n01484850"]
 
 
-def write_imagenet(root: Path, train_per_class: int = 6, val_per_class: int = 2, devkit: bool = False) -> Path:
+def write_imagenet(
+    root: Path, train_per_class: int = 6, val_per_class: int = 2, devkit: bool = False
+) -> Path:
     """ILSVRC-2012 as extracted: train/<wnid>/<wnid>_<i>.JPEG, and val/ either in <wnid>/ folders
     or (devkit=True) flat ILSVRC2012_val_<8 digits>.JPEG labelled by torchvision's meta.bin,
     which holds what its parse_devkit_archive reads from the devkit: (wnid -> class names, val wnids)."""

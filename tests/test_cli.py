@@ -109,10 +109,14 @@ def test_corrupt_image_in_a_worker_is_one_line_naming_the_file(tmp_path):
         "data.num_workers=2", "trainer.epochs=1", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )  # fmt: skip
-    assert_user_error(result, f"setrain: error: {broken} is not an image file PIL can read; replace or delete it.")
+    assert_user_error(
+        result, f"setrain: error: {broken} is not an image file PIL can read; replace or delete it."
+    )
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_missing_imagenet_is_one_line_naming_the_folder(tmp_path):
     result = run_cli("data=imagenet", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert_user_error(result, f"ImageNet folder {tmp_path / 'datasets' / 'imagenet'} does not exist; set data.root")
+    assert_user_error(
+        result, f"ImageNet folder {tmp_path / 'datasets' / 'imagenet'} does not exist; set data.root"
+    )

@@ -96,7 +96,9 @@ def test_truncated_stl10_file_is_a_clear_error(tmp_path):
 
 
 def test_unknown_dataset_lists_the_choices():
-    with pytest.raises(SetrainError, match="Unknown dataset 'mnist'.*cifar10, cifar100, folder, imagenet, shapes, stl10"):
+    with pytest.raises(
+        SetrainError, match="Unknown dataset 'mnist'.*cifar10, cifar100, folder, imagenet, shapes, stl10"
+    ):
         build_data(data_config("mnist"), CPU)
 
 
@@ -109,7 +111,9 @@ def test_dataset_smaller_than_one_batch_is_refused():
 def test_file_dataset_smaller_than_one_batch_names_its_root(tmp_path):
     write_cifar10(tmp_path)
     config = {**data_config("cifar10", root=str(tmp_path)), "batch_size": 64}
-    with pytest.raises(SetrainError, match=f"training set in {tmp_path} has 40 images, fewer than one batch of 64"):
+    with pytest.raises(
+        SetrainError, match=f"training set in {tmp_path} has 40 images, fewer than one batch of 64"
+    ):
         build_data(config, CPU)
 
 
@@ -152,7 +156,10 @@ def test_cifar100_has_100_classes_and_the_written_labels(tmp_path):
     assert [train[i][1] for i in range(len(train))] == written["fine_labels"]
     image, _ = train[3]
     pixels = torch.tensor(written["data"][3]).view(3, 32, 32).float() / 255
-    mean, std = torch.tensor(train.transform.transforms[-1].mean), torch.tensor(train.transform.transforms[-1].std)
+    mean, std = (
+        torch.tensor(train.transform.transforms[-1].mean),
+        torch.tensor(train.transform.transforms[-1].std),
+    )
     assert torch.allclose(image, (pixels - mean[:, None, None]) / std[:, None, None], atol=1e-5)
 
 
@@ -171,7 +178,9 @@ def test_cifar_recipe_augments_training_only(tmp_path):
 
 def test_unknown_augmentation_lists_the_presets(tmp_path):
     write_cifar10(tmp_path)
-    with pytest.raises(SetrainError, match="Unknown data.augment='autoaugment'; choose one of: cifar, imagenet"):
+    with pytest.raises(
+        SetrainError, match="Unknown data.augment='autoaugment'; choose one of: cifar, imagenet"
+    ):
         build_data(data_config("cifar10", root=str(tmp_path), augment="autoaugment"), CPU)
 
 
@@ -212,7 +221,9 @@ def test_imagenet_layouts_give_the_same_labels(tmp_path, devkit):
 def test_imagenet_flat_val_without_devkit_says_what_to_add(tmp_path):
     write_imagenet(tmp_path, devkit=True)
     (tmp_path / "meta.bin").unlink()
-    with pytest.raises(SetrainError, match=f"{tmp_path / 'val'} has images but no class folders.*ILSVRC2012_devkit_t12"):
+    with pytest.raises(
+        SetrainError, match=f"{tmp_path / 'val'} has images but no class folders.*ILSVRC2012_devkit_t12"
+    ):
         build_data(data_config("imagenet", root=str(tmp_path)), CPU)
 
 
@@ -220,7 +231,14 @@ def test_imagenet_devkit_archive_is_verified_against_the_official_checksum(tmp_p
     write_imagenet(tmp_path, devkit=True)
     (tmp_path / "meta.bin").unlink()
     (tmp_path / "ILSVRC2012_devkit_t12.tar.gz").write_bytes(b"not the devkit")
-    with pytest.raises(SetrainError, match="Could not read the ImageNet devkit .*official archive"):
+    with pytest.raises(SetrainError, match="ILSVRC2012_devkit_t12.tar.gz is not the official .*md5 differs"):
+        build_data(data_config("imagenet", root=str(tmp_path)), CPU)
+
+
+def test_imagenet_unreadable_meta_bin_says_to_delete_it(tmp_path):
+    write_imagenet(tmp_path, devkit=True)
+    (tmp_path / "meta.bin").write_bytes(b"junk")
+    with pytest.raises(SetrainError, match=f"Could not read {tmp_path / 'meta.bin'} .*delete it"):
         build_data(data_config("imagenet", root=str(tmp_path)), CPU)
 
 
@@ -238,12 +256,16 @@ def test_val_fraction_is_a_disjoint_seeded_split_with_its_own_transform(tmp_path
     write_image_folder(tmp_path / "train", ["a", "b"], per_class=10)
 
     def split(seed):
-        data = build_data(data_config("folder", root=str(tmp_path), image_size=32, val_fraction=0.2, seed=seed), CPU)
+        data = build_data(
+            data_config("folder", root=str(tmp_path), image_size=32, val_fraction=0.2, seed=seed), CPU
+        )
         return data.train_loader.dataset, data.val_loader.dataset
 
     train, val = split(0)
     assert len(train) == 16 and len(val) == 4
-    assert set(train.indices).isdisjoint(val.indices) and set(train.indices) | set(val.indices) == set(range(20))
+    assert set(train.indices).isdisjoint(val.indices) and set(train.indices) | set(val.indices) == set(
+        range(20)
+    )
     again_train, again_val = split(0)
     assert again_val.indices == val.indices and again_train.indices == train.indices
     assert split(1)[1].indices != val.indices
@@ -257,10 +279,16 @@ def test_val_fraction_is_a_disjoint_seeded_split_with_its_own_transform(tmp_path
     [
         ("no root", "Dataset folder {root} does not exist; set data.root"),
         ("no train", "{root} has no train/ folder"),
-        ("flat train", "{root}/train has no class folders; put each class's images in {root}/train/<class name>/"),
+        (
+            "flat train",
+            "{root}/train has no class folders; put each class's images in {root}/train/<class name>/",
+        ),
         ("empty class", "Class folder {root}/train/b has no images"),
         ("no val", "{root} has no val/ folder; add root/val/<class>/<image>, or .*data.val_fraction=0.1"),
-        ("other val classes", "class folders of {root}/val differ from those of train/ \\(missing: b; extra: c\\)"),
+        (
+            "other val classes",
+            "class folders of {root}/val differ from those of train/ \\(missing: b; extra: c\\)",
+        ),
     ],
 )
 def test_folder_layout_errors_name_the_path_and_the_fix(tmp_path, layout, message):

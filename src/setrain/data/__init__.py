@@ -85,8 +85,6 @@ def build_data(data_cfg: dict, device: torch.device) -> DataBundle:
         persistent_workers=on_cuda and num_workers > 0,
     )
     # Full batches only in training: a last batch of one image would break BatchNorm.
-    train_loader = DataLoader(
-        train_set, shuffle=True, drop_last=True, generator=generator, **loader_options
-    )
+    train_loader = DataLoader(train_set, shuffle=True, drop_last=True, generator=generator, **loader_options)
     val_loader = DataLoader(val_set, shuffle=False, **loader_options)
     return DataBundle(train_loader, val_loader, num_classes, generator)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, Subset, random_split
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
+from torchvision.datasets.utils import check_integrity
 
 from setrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, resize_centre_crop
 from setrain.errors import SetrainError
@@ -26,7 +27,9 @@ def load_rgb(path: str) -> Image.Image:
     except UnidentifiedImageError as error:
         raise SetrainError(f"{path} is not an image file PIL can read; replace or delete it.") from error
     except OSError as error:
-        raise SetrainError(f"Image {path} cannot be decoded ({error}); replace or delete the file.") from error
+        raise SetrainError(
+            f"Image {path} cannot be decoded ({error}); replace or delete the file."
+        ) from error
 
 
 def _check_classes(dataset: datasets.DatasetFolder, folder: Path) -> None:
@@ -42,14 +45,17 @@ def _check_classes(dataset: datasets.DatasetFolder, folder: Path) -> None:
 def _check_root(root: Path, description: str) -> None:
     if not root.is_dir():
         raise SetrainError(
-            f"{description} folder {root} does not exist; set data.root to the folder that holds train/ and val/."
+            f"{description} folder {root} does not exist; set data.root to the folder that holds "
+            "train/ and val/."
         )
 
 
 def image_folder(folder: Path, transform) -> datasets.ImageFolder:
     """ImageFolder over `folder`/<class>/<image>, refusing a missing folder, no classes or an empty class."""
     if not folder.is_dir():
-        raise SetrainError(f"{folder.parent} has no {folder.name}/ folder; put the images in {folder}/<class name>/.")
+        raise SetrainError(
+            f"{folder.parent} has no {folder.name}/ folder; put the images in {folder}/<class name>/."
+        )
     try:
         dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb, allow_empty=True)
     except FileNotFoundError as error:  # torchvision: no class folder at all
@@ -66,7 +72,8 @@ def _same_classes(train: datasets.DatasetFolder, val: datasets.DatasetFolder, va
         extra = sorted(set(val.classes) - set(train.classes))
         raise SetrainError(
             f"The class folders of {val_folder} differ from those of train/ (missing: "
-            f"{', '.join(missing) or 'none'}; extra: {', '.join(extra) or 'none'}); give both the same classes."
+            f"{', '.join(missing) or 'none'}; extra: {', '.join(extra) or 'none'}); give both the same "
+            "classes."
         )
 
 
@@ -83,7 +90,7 @@ def split_off_val(train: datasets.ImageFolder, val_transform, val_fraction: floa
 
 
 def _transforms(augment: str, image_size: int, val_image_size: int | None, crop_fraction: float):
-    """Train transform at image_size; val resized and centre-cropped to val_image_size (default image_size)."""
+    """Train transform at image_size; val resized and centre-cropped to val_image_size (or image_size)."""
     base = resize_centre_crop(image_size, crop_fraction)
     val_base = resize_centre_crop(val_image_size or image_size, crop_fraction)
     return build_transforms(augment, image_size, base, IMAGENET_MEAN, IMAGENET_STD, val_base)
@@ -98,7 +105,7 @@ def build_folder(
     val_fraction: float = 0.0,
     seed: int = 0,
 ) -> tuple[Dataset, Dataset, int]:
-    """Any tree root/train/<class>/<image> with root/val/<class>/<image>, or val_fraction of train held out."""
+    """Any tree root/train/<class>/<image> with root/val/<class>/<image>, or val_fraction of train/."""
     root = Path(root).absolute()
     _check_root(root, "Dataset")
     train_transform, val_transform = _transforms(augment, image_size, val_image_size, crop_fraction)
@@ -141,7 +148,10 @@ class DevkitVal(datasets.ImageFolder):
             )
         unknown = sorted(set(self.wnids) - set(class_to_idx))
         if unknown:
-            raise SetrainError(f"The devkit labels val images with {unknown[0]}, which has no folder in train/.")
+            raise SetrainError(
+                f"The devkit labels val images with {unknown[0]}, which has no folder in train/; "
+                "extract the complete ILSVRC2012_img_train.tar there."
+            )
         return [(str(path), class_to_idx[wnid]) for path, wnid in zip(images, self.wnids)]
 
 
@@ -154,16 +164,18 @@ def _devkit_val(root: Path, classes: list[str], transform) -> DevkitVal:
                 f"{root / 'val'} has images but no class folders, and neither {root / META_FILE} nor "
                 f"{devkit} is there to label them; put the devkit archive in {root}."
             )
+        name, md5 = ARCHIVE_META["devkit"]
+        if not check_integrity(str(devkit), md5):
+            raise SetrainError(f"{devkit} is not the official {name} (its md5 differs); download it again.")
         try:
-            parse_devkit_archive(root)  # checks the archive's md5, writes meta.bin
-        except (RuntimeError, ImportError) as error:
+            parse_devkit_archive(root)  # torchvision: reads the archive, writes meta.bin
+        except ImportError as error:
             raise SetrainError(
-                f"Could not read the ImageNet devkit {devkit} ({error}); use the official archive "
-                "and `pip install scipy`, which torchvision needs to read it."
+                f"Reading {devkit} needs scipy, which torchvision uses for its .mat file; pip install scipy."
             ) from error
     try:
         val_wnids = load_meta_file(root)[1]
-    except Exception as error:
+    except Exception as error:  # torch.load fails in many ways (struct, pickle, EOF) on a damaged file
         raise SetrainError(
             f"Could not read {root / META_FILE} ({type(error).__name__}); delete it so that it is made "
             f"again from {devkit}."
