@@ -38,7 +38,7 @@ TARGET = 2.0
 
 def write_photos(root: Path, classes: int, per_class: int, seed: int = 0) -> None:
     """ImageNet-like JPEGs in train/<wnid>/ and val/<wnid>/: 500x375 (the ILSVRC-2012 median size),
-    smooth content plus grain, quality 90. Decode cost depends on size and detail: noise would overstate it."""
+    smooth content plus grain, quality 90. Decoding cost depends on size and detail; noise overstates it."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", per_class), ("val", 2)):
         for c in range(classes):
@@ -125,7 +125,7 @@ def measure(folder: Path) -> list[dict]:
 def table(rows: list[dict]) -> str:
     header = (
         "| dataset | recipe | px | "
-        + " | ".join(f"loader img/s, {w} workers" for w in WORKERS)
+        + " | ".join(f"loader img/s, num_workers={w}" for w in WORKERS)
         + " | model | training img/s | best loader / training | 2x target |\n"
         "|---|---|---|" + "---|" * len(WORKERS) + "---|---|---|---|\n"
     )
@@ -139,27 +139,33 @@ def table(rows: list[dict]) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def section(rows: list[dict]) -> str:
+def section(rows: list[dict], load: tuple[float, float]) -> str:
     machine = (
         f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU used, "
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, {time.strftime('%Y-%m-%d')}"
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, {time.strftime('%Y-%m-%d')}; "
+        f"1-minute load average {load[0]:.1f} before and {load[1]:.1f} after (other processes' share "
+        "of the cores)"
     )
     return f"""## Data loading
 
-Measured by `python scripts/bench_data.py` on {machine}. Images/s of the training loader
-(decode, augment, collate; steady state, worker start-up excluded, best of two epochs) for
-`data.num_workers` = 0, 1, 2, beside the images/s that training the recipe's model consumes on
-the same machine (forward, backward and SGD step on random inputs of that size; fastest of a few
-steps). The target is a loader at least 2x faster than training.
+Measured by `python scripts/bench_data.py` on {machine}.
+
+Images/s of the training loader (decode, augment, collate; steady state, worker start-up
+excluded, best of two epochs) for `data.num_workers` = 0, 1, 2, beside the images/s that training
+the recipe's model consumes on the same machine (forward, backward and SGD step on random inputs
+of that size; fastest of a few steps). The target is a loader at least 2x faster than training.
 
 {table(rows)}
 The datasets are written in their real formats: CIFAR-10's pickled batches, STL10's binary
 files, and for the imagenet recipe 500x375 JPEGs (the ILSVRC-2012 median size, quality 90) in
-the train/<wnid>/ layout. On this CPU-only machine training is slow, so the ratio is large; the
-loader and training also share the same cores, so each figure is an upper bound when both run,
-and other work on the machine moves them. On a GPU, training consumes far more images/s (not
-measured here): the 1-worker rate of a row says how many worker cores a recipe needs there,
-twice the GPU's training rate divided by that rate.
+the train/<wnid>/ layout; real photos hold more detail and decode more slowly. On this CPU-only
+machine training is slow, so the ratio is large; the loader and training also share the same
+cores, so each figure is an upper bound when both run, and other work on the machine moves them.
+One worker is often slower than none: the main process uses both cores' threads and needs no
+copy between processes, while a worker runs one thread; workers pay off as their number grows,
+and they keep decoding while the model trains. On a GPU, training consumes far more images/s (not
+measured here): a recipe needs about twice the GPU's training rate divided by the
+`num_workers=1` rate worker processes, each on its own core.
 """
 
 
@@ -178,9 +184,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         rows = measure(Path(folder))
-    text = section(rows)
+    text = section(rows, (load_before, os.getloadavg()[0]))
     print(text)
     if not args.no_write:
         write_section(REPO / "docs" / "benchmarks.md", text)
