@@ -235,6 +235,14 @@ def test_imagenet_devkit_archive_is_verified_against_the_official_checksum(tmp_p
         build_data(data_config("imagenet", root=str(tmp_path)), CPU)
 
 
+def test_imagenet_without_train_says_how_to_extract_it(tmp_path):
+    (tmp_path / "val").mkdir()
+    with pytest.raises(
+        SetrainError, match=f"{tmp_path} has no train/ folder; extract ILSVRC2012_img_train.tar"
+    ):
+        build_data(data_config("imagenet", root=str(tmp_path)), CPU)
+
+
 def test_imagenet_unreadable_meta_bin_says_to_delete_it(tmp_path):
     write_imagenet(tmp_path, devkit=True)
     (tmp_path / "meta.bin").write_bytes(b"junk")

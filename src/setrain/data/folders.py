@@ -194,6 +194,11 @@ def build_imagenet(
     labelled by the devkit (ILSVRC2012_devkit_t12.tar.gz or torchvision's meta.bin) in root."""
     root = Path(root).absolute()
     _check_root(root, "ImageNet")
+    if not (root / "train").is_dir():
+        raise SetrainError(
+            f"{root} has no train/ folder; extract ILSVRC2012_img_train.tar into {root / 'train'} and "
+            "each class's .tar inside it into train/<wnid>/."
+        )
     train_transform, val_transform = _transforms(augment, image_size, val_image_size, crop_fraction)
     train = image_folder(root / "train", train_transform)
     val_folder = root / "val"
