@@ -2,15 +2,16 @@ import pytest
 import timm
 import torch
 import torchvision
+from torch import nn
 
 from setrain.errors import SetrainError
-from setrain.models import create_model, list_models
+from setrain.models import SEBlock, create_model, is_se_model, list_models, plain_twin
 from setrain.models.resnet import BasicBlock
 
 DEPTHS = [18, 34, 50, 101, 152]
 
 
-def count_parameters(model: torch.nn.Module) -> int:
+def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
@@ -20,40 +21,145 @@ def meta_count(build) -> int:
         return count_parameters(build())
 
 
-@pytest.mark.parametrize("depth", DEPTHS)
-def test_plain_twins_equal_torchvision_resnets(depth):
-    ours = meta_count(lambda: create_model(f"resnet{depth}", num_classes=1000))
-    reference = meta_count(lambda: getattr(torchvision.models, f"resnet{depth}")())
-    assert ours == reference
+def se_parameters(model: nn.Module) -> int:
+    return sum(count_parameters(m) for m in model.modules() if isinstance(m, SEBlock))
 
 
-@pytest.mark.parametrize("depth", DEPTHS)
-def test_se_resnets_equal_the_released_senet_models(depth):
-    """timm's legacy_seresnet* are the paper authors' models (hidden width exactly C//r)."""
-    ours = meta_count(lambda: create_model(f"se_resnet{depth}", num_classes=1000))
-    reference = meta_count(lambda: timm.create_model(f"legacy_seresnet{depth}"))
-    assert ours == reference
+# Reference implementations with the same architecture, built with random weights.
+REFERENCES = {
+    **{f"resnet{d}": lambda d=d: getattr(torchvision.models, f"resnet{d}")() for d in DEPTHS},
+    # timm's legacy_* are ports of the paper authors' released models (hidden width exactly C//r).
+    **{f"se_resnet{d}": lambda d=d: timm.create_model(f"legacy_seresnet{d}") for d in DEPTHS},
+    "resnext50_32x4d": lambda: torchvision.models.resnext50_32x4d(),
+    "resnext101_32x4d": lambda: timm.create_model("resnext101_32x4d"),
+    "se_resnext50_32x4d": lambda: timm.create_model("legacy_seresnext50_32x4d"),
+    "se_resnext101_32x4d": lambda: timm.create_model("legacy_seresnext101_32x4d"),
+    "senet154": lambda: timm.create_model("legacy_senet154"),
+    "mobilenet_v1": lambda: timm.create_model("mobilenetv1_100"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_parameter_count_equals_the_reference_implementation(name):
+    assert meta_count(lambda: create_model(name, num_classes=1000)) == meta_count(REFERENCES[name])
 
 
 def test_headline_counts_of_the_paper():
-    assert meta_count(lambda: create_model("se_resnet50", num_classes=1000)) == 28_088_024
-    assert meta_count(lambda: create_model("resnet50", num_classes=1000)) == 25_557_032
+    """SENet-154 115.1M, SE-ResNeXt-50 27.6M, SE-ResNet-50 28.1M vs ResNet-50 25.6M (Table 2)."""
+    assert meta_count(lambda: create_model("senet154")) == 115_088_984
+    assert meta_count(lambda: create_model("se_resnext50_32x4d")) == 27_559_896
+    assert meta_count(lambda: create_model("se_resnet50")) == 28_088_024
+    assert meta_count(lambda: create_model("resnet50")) == 25_557_032
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if is_se_model(n)])
+def test_every_se_model_is_its_plain_twin_plus_the_se_blocks(name):
+    """Same code, SE off: removing the SE parameters leaves exactly the twin."""
+    with torch.device("meta"):
+        se_model, twin = create_model(name), create_model(plain_twin(name))
+    assert se_parameters(se_model) > 0 and se_parameters(twin) == 0
+    assert count_parameters(se_model) - se_parameters(se_model) == count_parameters(twin)
+
+
+@pytest.mark.parametrize(
+    "depth, millions", [(20, 0.27), (32, 0.46), (56, 0.85), (110, 1.7)]
+)
+def test_cifar_resnets_have_the_sizes_of_he_et_al(depth, millions):
+    """He et al. 2016, Table 6: 6n+2 layers with 16/32/64 channels. Its zero-padding shortcuts
+    have no parameters; setrain's two 1x1 projections add 2,752 (1% of ResNet-20)."""
+    assert meta_count(lambda: create_model(f"resnet{depth}")) / 1e6 == pytest.approx(millions, rel=0.02)
 
 
 @pytest.mark.parametrize(
     "reduction, millions", [(2, 45.7), (4, 35.7), (8, 30.7), (16, 28.1), (32, 26.6)]
 )
 def test_reduction_ratio_table_of_the_paper(reduction, millions):
-    """Paper Table 10 (SE-ResNet-50 on ImageNet); its r=32 entry is rounded down by ~0.2M."""
+    """TPAMI Sec. 6.1 (SE-ResNet-50 on ImageNet); its r=32 entry is rounded down by ~0.2M."""
     count = meta_count(lambda: create_model("se_resnet50", num_classes=1000, reduction=reduction))
     assert count / 1e6 == pytest.approx(millions, abs=0.25)
 
 
+class SeedSEBasicBlock(nn.Module):
+    """Seed 004's CIFAR SENet block, written as the seed does: SE as two 1x1 convs."""
+
+    def __init__(self, in_planes, planes, stride=1, reduction=16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        self.fc1 = nn.Conv2d(planes, planes // reduction, 1)
+        self.fc2 = nn.Conv2d(planes // reduction, planes, 1)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        w = torch.sigmoid(self.fc2(torch.relu(self.fc1(nn.functional.avg_pool2d(out, out.size(2))))))
+        return torch.relu(out * w + self.shortcut(x))
+
+
+class SeedSENet18(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, in_planes = [], 64
+        for planes, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            layers.append(nn.Sequential(SeedSEBasicBlock(in_planes, planes, stride), SeedSEBasicBlock(planes, planes)))
+            in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        return self.linear(nn.functional.avg_pool2d(out, 4).flatten(1))
+
+
+def seed_to_setrain_key(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    parts = key.split(".")
+    if parts[0] in ("conv1", "bn1"):
+        return f"stem.{0 if parts[0] == 'conv1' else 1}.{parts[1]}", value
+    if parts[0] == "linear":
+        return f"fc.{parts[1]}", value
+    stage, block, module = parts[1], parts[2], parts[3]
+    prefix = f"stages.{stage}.{block}"
+    names = {"conv1": "residual.0", "bn1": "residual.1", "conv2": "residual.3", "bn2": "residual.4"}
+    if module in names:
+        return f"{prefix}.{names[module]}.{parts[4]}", value
+    if module == "shortcut":
+        return f"{prefix}.shortcut.{parts[4]}.{parts[5]}", value
+    linear = {"fc1": "se.excitation.0", "fc2": "se.excitation.2"}[module]
+    return f"{prefix}.{linear}.{parts[4]}", value.flatten(1) if value.dim() == 4 else value
+
+
+def test_senet18_cifar_computes_what_the_seed_1x1_conv_senet18_computes():
+    """senet18_cifar is seed 004's SENet-18: same parameters, and the same outputs once its
+    1x1-conv excitation weights are loaded into the FC excitation."""
+    torch.manual_seed(0)
+    seed_model = SeedSENet18().eval()
+    for module in seed_model.modules():
+        if isinstance(module, nn.BatchNorm2d):  # so BN is not the identity
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    ours = create_model("senet18_cifar").eval()
+    assert count_parameters(ours) == count_parameters(seed_model)
+    ours.load_state_dict(dict(seed_to_setrain_key(k, v) for k, v in seed_model.state_dict().items()))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), seed_model(x))
+
+
 def test_registry_lists_every_se_model_with_its_plain_twin():
-    se_models = list_models("se_*")
-    assert {"se_resnet18", "se_resnet50", "se_resnet152", "se_resnet20"} <= set(se_models)
+    se_models = [name for name in list_models() if is_se_model(name)]
+    assert {
+        "se_resnet50", "se_resnext50_32x4d", "se_resnext101_32x4d", "senet154", "se_mobilenet_v1",
+        "se_resnet20", "se_resnet32", "se_resnet56", "se_resnet110", "senet18_cifar",
+    } <= set(se_models)
     for name in se_models:
-        assert name.removeprefix("se_") in list_models()
+        assert plain_twin(name) in list_models()
 
 
 def test_unknown_model_lists_the_choices():
@@ -66,25 +172,71 @@ def test_plain_twin_refuses_se_options():
         create_model("resnet50", reduction=8)
 
 
+def test_unknown_se_option_names_the_known_ones():
+    with pytest.raises(SetrainError, match="Unknown SE option.*ratio.*reduction, squeeze, gate"):
+        create_model("se_resnet20", ratio=8)
+    with pytest.raises(SetrainError, match="placement.*its SE options are reduction, squeeze, gate"):
+        create_model("se_mobilenet_v1", placement="pre")
+
+
 def test_reduction_too_large_for_the_cifar_model_is_a_clear_error():
     with pytest.raises(SetrainError, match="layer of 16 channels"):
         create_model("se_resnet20", reduction=32)
 
 
-def test_se_sits_on_the_residual_branch_before_the_addition():
-    """With the gate forced to 0 the block reduces to relu(shortcut(x)) (paper Fig. 3)."""
-    torch.manual_seed(0)
-    block = BasicBlock(8, 16, stride=2, se=dict(reduction=4)).eval()
-    torch.nn.init.constant_(block.se.excitation[2].bias, -1e4)
-    x = torch.randn(2, 8, 8, 8)
-    torch.testing.assert_close(block(x), torch.relu(block.shortcut(x)))
+def test_mobilenet_width_multiplier_scales_the_channels():
+    """Howard et al. Table 6 in spirit: alpha=0.5 has about a quarter of the parameters."""
+    full = meta_count(lambda: create_model("mobilenet_v1"))
+    half = meta_count(lambda: create_model("mobilenet_v1", width_mult=0.5))
+    assert create_model("se_mobilenet_v1", num_classes=10, width_mult=0.5).fc.in_features == 512
+    assert 0.2 < half / full < 0.4
 
 
-@pytest.mark.parametrize("name, size", [("se_resnet20", 32), ("resnet20", 32), ("se_resnet18", 64)])
-def test_forward_and_backward_on_a_small_input(name, size):
+# ImageNet-sized models take seconds each on 2 cores: end-to-end suite only.
+HEAVY = {name for name in list_models() if meta_count(lambda: create_model(name)) > 15e6}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in list_models()],
+)
+def test_forward_and_backward_on_a_small_input(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=7)
-    logits = model(torch.randn(2, 3, size, size))
+    logits = model(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 7)
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["se_resnet20", "senet18_cifar", "se_resnext50_32x4d", "se_mobilenet_v1"])
+def test_channels_last_and_bf16_autocast_compute_the_same_function(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    channels_last = model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(channels_last(x.to(memory_format=torch.channels_last)), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_precision = model(x)
+    assert low_precision.dtype == torch.bfloat16
+    torch.testing.assert_close(low_precision.float(), expected, atol=0.1, rtol=0.1)
+
+
+def test_models_compile_into_one_graph():
+    """No graph breaks under torch.compile (the aot_eager backend needs no C++ compiler)."""
+    torch.manual_seed(0)
+    model = create_model(
+        "se_resnet20", placement="identity", gate="tanh", squeeze="max", stages=[3, 4]
+    ).eval()
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_takes_num_classes_and_in_chans(name):
+    """Checked on the meta device: shapes only, so even SENet-154 costs milliseconds."""
+    with torch.device("meta"):
+        model = create_model(name, num_classes=3, in_chans=1)
+        assert model(torch.empty(2, 1, 64, 64)).shape == (2, 3)

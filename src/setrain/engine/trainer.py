@@ -19,7 +19,7 @@ from setrain.data import build_data
 from setrain.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from setrain.engine.loop import evaluate, train_one_epoch
 from setrain.errors import SetrainError
-from setrain.models import create_model
+from setrain.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     random.seed(cfg.seed)
 
     data = build_data(cfg.data, device)
-    se_options = OmegaConf.to_container(cfg.model.se) if "se" in cfg.model else {}
-    model = create_model(cfg.model.name, num_classes=data.num_classes, **se_options).to(device)
+    model = build_model(OmegaConf.to_container(cfg.model), data.num_classes).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     criterion = nn.CrossEntropyLoss()
     optimizer = _instantiate("optimizer", cfg.optimizer, params=model.parameters())

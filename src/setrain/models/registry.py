@@ -36,11 +36,38 @@ def create_model(name: str, **kwargs) -> nn.Module:
             f"Unknown model {name!r}; choose one of: {', '.join(list_models())}."
         )
     factory = _MODELS[name]
-    accepted = inspect.signature(factory).parameters
+    parameters = inspect.signature(factory).parameters.values()
+    accepted = [p.name for p in parameters if p.kind is not p.VAR_KEYWORD]
+    takes_se_options = any(p.kind is p.VAR_KEYWORD for p in parameters)
     unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
+    if unknown and not takes_se_options:  # SE models check their `**se` options themselves
         raise SetrainError(
             f"Model {name!r} does not take the option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(accepted)}."
         )
     return factory(**kwargs)
+
+
+# SE models whose plain twin is not their name without the "se_" prefix.
+_TWINS = {"senet154": "resnext152_64x4d", "senet18_cifar": "resnet18_cifar"}
+
+
+def plain_twin(name: str) -> str:
+    """The registered model that is `name` with SE off, e.g. ``plain_twin("se_resnet50") == "resnet50"``."""
+    return _TWINS.get(name, name.removeprefix("se_"))
+
+
+def is_se_model(name: str) -> bool:
+    return name != plain_twin(name)
+
+
+def build_model(model_cfg: dict, num_classes: int) -> nn.Module:
+    """The model a `model:` config describes (configs/model/<name>.yaml).
+
+    `name` picks the factory; the SE options under `se` and any other keys (e.g. `width_mult`)
+    are its keyword arguments.
+    """
+    options = {key: value for key, value in model_cfg.items() if key not in ("name", "se")}
+    return create_model(
+        model_cfg["name"], num_classes=num_classes, **options, **model_cfg.get("se", {})
+    )

@@ -1,79 +1,173 @@
-"""ResNet family with optional SE: SE-ResNet and its plain twin are one class with different arguments.
+"""ResNet family with optional SE: SE-ResNet, SE-ResNeXt and SENet-154 are one class with different arguments.
 
 SE sits on the residual branch after the last BN and before the addition with the shortcut,
-the "SE-ResNet module" of the paper's Fig. 3. Shortcuts that change shape are 1x1 conv + BN
-(option B of He et al.), so the ImageNet models equal torchvision's ResNets parameter for parameter.
+the "SE-ResNet module" of the paper's Fig. 3; `placement` moves it as in the paper's Fig. 5.
+Shortcuts that change shape are 1x1 conv + BN (option B of He et al.), so the ImageNet models
+equal torchvision's ResNets/ResNeXts and the released SENets parameter for parameter.
 """
 
 from typing import Sequence
 
 from torch import Tensor, nn
 
+from setrain.errors import SetrainError
 from setrain.models.registry import register_model
-from setrain.models.se import SEBlock
+from setrain.models.se import SEBlock, check_choice, check_se_options
+
+PLACEMENTS = ("standard", "pre", "post", "identity")
+SE_OPTIONS = ("reduction", "squeeze", "gate", "placement", "stages")
 
 
-def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+def _projection(in_channels: int, out_channels: int, stride: int, kernel_size: int) -> nn.Module:
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
+    kernel_size = kernel_size if stride > 1 else 1
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
         nn.BatchNorm2d(out_channels),
     )
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets), SE, and the shortcut."""
+    """Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets), SE, and the shortcut.
+
+    `placement` is where SE acts (TPAMI Sec. 6.5, Fig. 5): "standard" on the residual branch
+    before the addition, "pre" on the input of the residual branch, "post" after the addition
+    and its ReLU, "identity" on the shortcut, in parallel to the residual branch.
+    """
 
     expansion = 1
 
-    def __init__(self, in_channels: int, width: int, stride: int, se: dict | None):
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        se: dict | None = None,
+        placement: str = "standard",
+        down_kernel_size: int = 1,
+        **branch_args,
+    ):
         super().__init__()
-        out_channels = width * self.expansion
-        self.residual = self.residual_branch(in_channels, width, stride)
-        self.se = SEBlock(out_channels, **se) if se is not None else nn.Identity()
-        self.shortcut = _projection(in_channels, out_channels, stride)
+        out_channels = planes * self.expansion
+        self.residual = self.residual_branch(in_channels, planes, stride, **branch_args)
+        se_channels = in_channels if placement == "pre" else out_channels
+        self.se = SEBlock(se_channels, **se) if se is not None else nn.Identity()
+        self.placement = placement
+        self.shortcut = _projection(in_channels, out_channels, stride, down_kernel_size)
         self.relu = nn.ReLU(inplace=True)
 
     @staticmethod
-    def residual_branch(in_channels: int, width: int, stride: int) -> nn.Sequential:
+    def residual_branch(in_channels: int, planes: int, stride: int) -> nn.Sequential:
         return nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(width),
+            nn.Conv2d(in_channels, planes, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(planes),
             nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
+            nn.Conv2d(planes, planes, 3, padding=1, bias=False),
+            nn.BatchNorm2d(planes),
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.relu(self.se(self.residual(x)) + self.shortcut(x))
+        branch = self.residual(self.se(x) if self.placement == "pre" else x)
+        if self.placement == "standard":
+            branch = self.se(branch)
+        shortcut = self.shortcut(x)
+        if self.placement == "identity":
+            shortcut = self.se(shortcut)
+        out = self.relu(branch + shortcut)
+        return self.se(out) if self.placement == "post" else out
 
 
 class Bottleneck(BasicBlock):
-    """1x1 reduce, 3x3 (carrying the stride, as torchvision), 1x1 expand (ResNet-50/101/152)."""
+    """1x1 reduce, 3x3 (carrying the stride, as torchvision), 1x1 expand.
+
+    ResNet-50/101/152 use one group of `planes` channels; ResNeXt's 32x4d uses `groups=32` of
+    `width_per_group=4` channels in the 3x3. SENet-154 halves the first 1x1 (`reduce_first=2`).
+    """
 
     expansion = 4
 
     @staticmethod
-    def residual_branch(in_channels: int, width: int, stride: int) -> nn.Sequential:
+    def residual_branch(
+        in_channels: int,
+        planes: int,
+        stride: int,
+        groups: int = 1,
+        width_per_group: int = 64,
+        reduce_first: int = 1,
+    ) -> nn.Sequential:
+        width = planes * width_per_group // 64 * groups
+        first = width // reduce_first
+        out_channels = planes * Bottleneck.expansion
         return nn.Sequential(
-            nn.Conv2d(in_channels, width, 1, bias=False),
+            nn.Conv2d(in_channels, first, 1, bias=False),
+            nn.BatchNorm2d(first),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(first, width, 3, stride=stride, padding=1, groups=groups, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, width * Bottleneck.expansion, 1, bias=False),
-            nn.BatchNorm2d(width * Bottleneck.expansion),
+            nn.Conv2d(width, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
         )
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int) -> list:
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+def _stem(kind: str, in_chans: int, width: int) -> tuple[nn.Sequential, int]:
+    """The layers before the first stage, and their output channels."""
+    if kind == "imagenet":  # 7x7/2 conv and 3x3/2 max pool for 224 px (He et al. Table 1)
+        layers = _conv_bn_relu(in_chans, width, 7, 2) + [nn.MaxPool2d(3, stride=2, padding=1)]
+        return nn.Sequential(*layers), width
+    if kind == "deep":  # SENet-154: three 3x3 convs replace the 7x7 (TPAMI Sec. 4, appendix)
+        layers = (
+            _conv_bn_relu(in_chans, width, 3, 2)
+            + _conv_bn_relu(width, width, 3, 1)
+            + _conv_bn_relu(width, 2 * width, 3, 1)
+            + [nn.MaxPool2d(3, stride=2, padding=1)]
+        )
+        return nn.Sequential(*layers), 2 * width
+    if kind == "cifar":  # one 3x3 conv at full resolution for 32 px (He et al. Sec. 4.2)
+        return nn.Sequential(*_conv_bn_relu(in_chans, width, 3, 1)), width
+    raise ValueError(f"unknown stem {kind!r}; expected 'imagenet', 'deep' or 'cifar'")
+
+
+def _se_per_stage(se: dict | None, num_stages: int) -> tuple[list[dict | None], str]:
+    """Split the SE options into the SEBlock options of each stage and the placement.
+
+    Stages are numbered as in the paper (TPAMI Sec. 6.4): the stem is stage 1, so the residual
+    stages of ResNet-50 (conv2_x .. conv5_x) are 2..5; `stages=None` puts SE in all of them.
+    """
+    if se is None:
+        return [None] * num_stages, "standard"
+    check_se_options(se, SE_OPTIONS)
+    block_options = dict(se)
+    placement = block_options.pop("placement", "standard")
+    check_choice("placement", placement, PLACEMENTS)
+    numbers = list(range(2, num_stages + 2))
+    stages = block_options.pop("stages", None)
+    stages = numbers if stages is None else list(stages)
+    if not set(stages) <= set(numbers):
+        raise SetrainError(
+            f"model.se.stages={stages} names stages this network does not have; its residual "
+            f"stages are {numbers} (paper numbering: the stem is stage 1), or null for all."
+        )
+    return [block_options if number in stages else None for number in numbers], placement
 
 
 class ResNet(nn.Module):
     """A stem, stages of residual blocks (the first at stride 1, the rest at stride 2), a classifier.
 
-    `stem="imagenet"`: 7x7/2 conv and 3x3/2 max pool for 224 px inputs (He et al. Table 1).
-    `stem="cifar"`: one 3x3 conv at full resolution for 32 px inputs (He et al. Sec. 4.2).
-    `se`: keyword arguments of SEBlock for every block, or None for the plain network.
+    `stem`: "imagenet", "deep" (SENet-154) or "cifar", see `_stem`.
+    `se`: the SE options (reduction, squeeze, gate, placement, stages), or None for the plain
+    network. `block_args`: the block's branch options (groups, width_per_group, reduce_first).
+    `down_kernel_size`: 3 gives SENet-154's 3x3 strided projection shortcuts.
+    `dropout`: before the classifier (0.2 in SENet-154).
     """
 
     def __init__(
@@ -85,35 +179,30 @@ class ResNet(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         se: dict | None = None,
+        block_args: dict | None = None,
+        down_kernel_size: int = 1,
+        dropout: float = 0.0,
     ):
         super().__init__()
-        stem_width = widths[0]
-        if stem == "imagenet":
-            self.stem = nn.Sequential(
-                nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False),
-                nn.BatchNorm2d(stem_width),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(3, stride=2, padding=1),
-            )
-        elif stem == "cifar":
-            self.stem = nn.Sequential(
-                nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(stem_width),
-                nn.ReLU(inplace=True),
-            )
-        else:
-            raise ValueError(f"unknown stem {stem!r}; expected 'imagenet' or 'cifar'")
-
-        stages, in_channels = [], stem_width
+        self.native_input_size = 32 if stem == "cifar" else 224  # what the design was made for
+        self.stem, in_channels = _stem(stem, in_chans, widths[0])
+        stage_se, placement = _se_per_stage(se, len(layers))
+        stages = []
         for index, (depth, width) in enumerate(zip(layers, widths)):
             blocks = []
             for block_index in range(depth):
                 stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(block(in_channels, width, stride, se))
+                blocks.append(
+                    block(
+                        in_channels, width, stride, stage_se[index], placement, down_kernel_size,
+                        **(block_args or {}),
+                    )
+                )
                 in_channels = width * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes)
 
         for module in self.modules():
@@ -127,8 +216,11 @@ class ResNet(nn.Module):
         return self.stages(self.stem(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.pool(self.forward_features(x)).flatten(1))
+        return self.fc(self.dropout(self.pool(self.forward_features(x)).flatten(1)))
 
+
+# Every SE factory takes `**se`: the SE options of ResNet (reduction, squeeze, gate, placement,
+# stages), which configs/model/<name>.yaml lists under `se:`.
 
 # ImageNet ResNets (He et al. Table 1) and SE-ResNets (Hu et al. Table 1).
 
@@ -140,9 +232,8 @@ def resnet18(num_classes: int = 1000, in_chans: int = 3) -> ResNet:
 
 
 @register_model
-def se_resnet18(num_classes: int = 1000, in_chans: int = 3, reduction: int = 16) -> ResNet:
+def se_resnet18(num_classes: int = 1000, in_chans: int = 3, **se) -> ResNet:
     """SE-ResNet-18."""
-    se = dict(reduction=reduction)
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, in_chans=in_chans, se=se)
 
 
@@ -153,9 +244,8 @@ def resnet34(num_classes: int = 1000, in_chans: int = 3) -> ResNet:
 
 
 @register_model
-def se_resnet34(num_classes: int = 1000, in_chans: int = 3, reduction: int = 16) -> ResNet:
+def se_resnet34(num_classes: int = 1000, in_chans: int = 3, **se) -> ResNet:
     """SE-ResNet-34."""
-    se = dict(reduction=reduction)
     return ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, in_chans=in_chans, se=se)
 
 
@@ -166,9 +256,8 @@ def resnet50(num_classes: int = 1000, in_chans: int = 3) -> ResNet:
 
 
 @register_model
-def se_resnet50(num_classes: int = 1000, in_chans: int = 3, reduction: int = 16) -> ResNet:
+def se_resnet50(num_classes: int = 1000, in_chans: int = 3, **se) -> ResNet:
     """SE-ResNet-50: 28.1M parameters at 1000 classes and r=16 (paper Table 10)."""
-    se = dict(reduction=reduction)
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_chans=in_chans, se=se)
 
 
@@ -179,9 +268,8 @@ def resnet101(num_classes: int = 1000, in_chans: int = 3) -> ResNet:
 
 
 @register_model
-def se_resnet101(num_classes: int = 1000, in_chans: int = 3, reduction: int = 16) -> ResNet:
+def se_resnet101(num_classes: int = 1000, in_chans: int = 3, **se) -> ResNet:
     """SE-ResNet-101."""
-    se = dict(reduction=reduction)
     return ResNet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes, in_chans=in_chans, se=se)
 
 
@@ -192,29 +280,145 @@ def resnet152(num_classes: int = 1000, in_chans: int = 3) -> ResNet:
 
 
 @register_model
-def se_resnet152(num_classes: int = 1000, in_chans: int = 3, reduction: int = 16) -> ResNet:
+def se_resnet152(num_classes: int = 1000, in_chans: int = 3, **se) -> ResNet:
     """SE-ResNet-152."""
-    se = dict(reduction=reduction)
     return ResNet(Bottleneck, [3, 8, 36, 3], num_classes=num_classes, in_chans=in_chans, se=se)
 
 
-# CIFAR ResNets (He et al. Sec. 4.2): three stages of 16/32/64 channels at 32 px.
+# ResNeXt (Xie et al.) and SE-ResNeXt (Hu et al. Table 1): 32 groups of 4 channels in the 3x3.
+
+_RESNEXT_32X4D = dict(groups=32, width_per_group=4)
+
+
+@register_model
+def resnext50_32x4d(num_classes: int = 1000, in_chans: int = 3) -> ResNet:
+    """ResNeXt-50 (32x4d), plain twin of se_resnext50_32x4d."""
+    return ResNet(
+        Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_chans=in_chans, block_args=_RESNEXT_32X4D
+    )
+
+
+@register_model
+def se_resnext50_32x4d(num_classes: int = 1000, in_chans: int = 3, **se) -> ResNet:
+    """SE-ResNeXt-50 (32x4d): 27.6M parameters at 1000 classes (paper Table 2)."""
+    return ResNet(
+        Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_chans=in_chans, se=se,
+        block_args=_RESNEXT_32X4D,
+    )
+
+
+@register_model
+def resnext101_32x4d(num_classes: int = 1000, in_chans: int = 3) -> ResNet:
+    """ResNeXt-101 (32x4d), plain twin of se_resnext101_32x4d."""
+    return ResNet(
+        Bottleneck, [3, 4, 23, 3], num_classes=num_classes, in_chans=in_chans, block_args=_RESNEXT_32X4D
+    )
+
+
+@register_model
+def se_resnext101_32x4d(num_classes: int = 1000, in_chans: int = 3, **se) -> ResNet:
+    """SE-ResNeXt-101 (32x4d): 49.0M parameters at 1000 classes."""
+    return ResNet(
+        Bottleneck, [3, 4, 23, 3], num_classes=num_classes, in_chans=in_chans, se=se,
+        block_args=_RESNEXT_32X4D,
+    )
+
+
+# SENet-154 (TPAMI appendix): a 64x4d ResNeXt-152 with a 3-conv stem, a halved first 1x1 in each
+# block, 3x3 strided projection shortcuts and dropout 0.2 before the classifier.
+
+_SENET154 = dict(
+    stem="deep", block_args=dict(groups=64, width_per_group=4, reduce_first=2), down_kernel_size=3,
+    dropout=0.2,
+)
+
+
+@register_model
+def resnext152_64x4d(num_classes: int = 1000, in_chans: int = 3) -> ResNet:
+    """SENet-154 without SE: its plain twin, with the same stem, shortcuts and dropout."""
+    return ResNet(Bottleneck, [3, 8, 36, 3], num_classes=num_classes, in_chans=in_chans, **_SENET154)
+
+
+@register_model
+def senet154(num_classes: int = 1000, in_chans: int = 3, **se) -> ResNet:
+    """SENet-154, the ILSVRC 2017 winner: 115.1M parameters at 1000 classes."""
+    return ResNet(
+        Bottleneck, [3, 8, 36, 3], num_classes=num_classes, in_chans=in_chans, se=se, **_SENET154
+    )
+
+
+# CIFAR ResNets (He et al. Sec. 4.2): three stages of 16/32/64 channels at 32 px, 6n+2 layers.
 
 _CIFAR_WIDTHS = (16, 32, 64)
+
+
+def _cifar_resnet(blocks_per_stage: int, num_classes: int, in_chans: int, se: dict | None) -> ResNet:
+    return ResNet(
+        BasicBlock, [blocks_per_stage] * 3, _CIFAR_WIDTHS, "cifar", num_classes, in_chans, se=se
+    )
 
 
 @register_model
 def resnet20(num_classes: int = 10, in_chans: int = 3) -> ResNet:
     """ResNet-20 for 32 px images, plain twin of se_resnet20."""
-    return ResNet(
-        BasicBlock, [3, 3, 3], _CIFAR_WIDTHS, "cifar", num_classes=num_classes, in_chans=in_chans
-    )
+    return _cifar_resnet(3, num_classes, in_chans, se=None)
 
 
 @register_model
-def se_resnet20(num_classes: int = 10, in_chans: int = 3, reduction: int = 16) -> ResNet:
+def se_resnet20(num_classes: int = 10, in_chans: int = 3, **se) -> ResNet:
     """SE-ResNet-20 for 32 px images; its narrowest SE layer has 16 channels, so r <= 16."""
-    se = dict(reduction=reduction)
+    return _cifar_resnet(3, num_classes, in_chans, se)
+
+
+@register_model
+def resnet32(num_classes: int = 10, in_chans: int = 3) -> ResNet:
+    """ResNet-32 for 32 px images, plain twin of se_resnet32."""
+    return _cifar_resnet(5, num_classes, in_chans, se=None)
+
+
+@register_model
+def se_resnet32(num_classes: int = 10, in_chans: int = 3, **se) -> ResNet:
+    """SE-ResNet-32 for 32 px images."""
+    return _cifar_resnet(5, num_classes, in_chans, se)
+
+
+@register_model
+def resnet56(num_classes: int = 10, in_chans: int = 3) -> ResNet:
+    """ResNet-56 for 32 px images, plain twin of se_resnet56."""
+    return _cifar_resnet(9, num_classes, in_chans, se=None)
+
+
+@register_model
+def se_resnet56(num_classes: int = 10, in_chans: int = 3, **se) -> ResNet:
+    """SE-ResNet-56 for 32 px images."""
+    return _cifar_resnet(9, num_classes, in_chans, se)
+
+
+@register_model
+def resnet110(num_classes: int = 10, in_chans: int = 3) -> ResNet:
+    """ResNet-110 for 32 px images, plain twin of se_resnet110."""
+    return _cifar_resnet(18, num_classes, in_chans, se=None)
+
+
+@register_model
+def se_resnet110(num_classes: int = 10, in_chans: int = 3, **se) -> ResNet:
+    """SE-ResNet-110 for 32 px images."""
+    return _cifar_resnet(18, num_classes, in_chans, se)
+
+
+# The 18-layer CIFAR SENet of seed 004 (kuangliu's pytorch-cifar layout): ResNet-18 widths,
+# a 3x3 stem at full resolution. Its 1x1-conv excitation is SEBlock's FCs (see SEBlock).
+
+
+@register_model
+def resnet18_cifar(num_classes: int = 10, in_chans: int = 3) -> ResNet:
+    """ResNet-18 for 32 px images, plain twin of senet18_cifar."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], stem="cifar", num_classes=num_classes, in_chans=in_chans)
+
+
+@register_model
+def senet18_cifar(num_classes: int = 10, in_chans: int = 3, **se) -> ResNet:
+    """SENet-18 for 32 px images (seed 004): 11.26M parameters at 10 classes."""
     return ResNet(
-        BasicBlock, [3, 3, 3], _CIFAR_WIDTHS, "cifar", num_classes=num_classes, in_chans=in_chans, se=se
+        BasicBlock, [2, 2, 2, 2], stem="cifar", num_classes=num_classes, in_chans=in_chans, se=se
     )

@@ -4,17 +4,42 @@ from torch import Tensor, nn
 
 from setrain.errors import SetrainError
 
+SQUEEZES = ("avg", "max")
+GATES = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def check_choice(key: str, value, choices) -> None:
+    """Refuse a value of the SE config key `model.se.<key>` that is not one of `choices`."""
+    if value not in choices:
+        raise SetrainError(
+            f"model.se.{key}={value!r} is not known; choose one of: {', '.join(map(str, choices))}."
+        )
+
+
+def check_se_options(options: dict, accepted: tuple[str, ...]) -> None:
+    """Refuse SE options (`model.se.*`) that a model family does not have."""
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SetrainError(
+            f"Unknown SE option(s) {', '.join(unknown)} for this model; its SE options are "
+            f"{', '.join(accepted)} (model.se.*)."
+        )
+
 
 class SEBlock(nn.Module):
     """Channel recalibration of Hu et al., "Squeeze-and-Excitation Networks" (Sec. 3).
 
-    Squeeze: global average pooling gives one descriptor per channel (Eq. 2).
-    Excitation: FC C->C//r, ReLU, FC C//r->C, sigmoid gives a gate per channel (Eq. 3).
+    Squeeze: global pooling gives one descriptor per channel (Eq. 2); `squeeze="max"` is the
+    max-pooling alternative of the paper's ablation (TPAMI Sec. 6.2).
+    Excitation: FC C->C//r, ReLU, FC C//r->C and a gate per channel (Eq. 3); `gate="tanh"` or
+    `"relu"` replace the sigmoid as in the ablation of TPAMI Sec. 6.3.
     Scale: the input is multiplied channel-wise by the gate (Eq. 4).
     The FCs carry biases, as in the paper's released models, so parameter counts match them.
+    A 1x1 convolution on the squeezed 1x1 map (the released Caffe models, seed 004) computes the
+    same function with the same parameters; weight import reshapes its kernels into these FCs.
     """
 
-    def __init__(self, channels: int, reduction: int = 16):
+    def __init__(self, channels: int, reduction: int = 16, squeeze: str = "avg", gate: str = "sigmoid"):
         super().__init__()
         if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction <= 0:
             raise SetrainError(
@@ -28,14 +53,17 @@ class SEBlock(nn.Module):
                 f"({channels}//{reduction} = 0 hidden units); use r <= {channels} "
                 "(set model.se.reduction)."
             )
+        check_choice("squeeze", squeeze, SQUEEZES)
+        check_choice("gate", gate, tuple(GATES))
+        self.squeeze = squeeze
         self.excitation = nn.Sequential(
             nn.Linear(channels, hidden),
             nn.ReLU(inplace=True),
             nn.Linear(hidden, channels),
-            nn.Sigmoid(),
+            GATES[gate](),
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        squeezed = x.mean(dim=(2, 3))
+        squeezed = x.mean(dim=(2, 3)) if self.squeeze == "avg" else x.amax(dim=(2, 3))
         gate = self.excitation(squeezed)
         return x * gate[:, :, None, None]
