@@ -161,11 +161,13 @@ files, and for the imagenet recipe 500x375 JPEGs (the ILSVRC-2012 median size, q
 the train/<wnid>/ layout; real photos hold more detail and decode more slowly. On this CPU-only
 machine training is slow, so the ratio is large; the loader and training also share the same
 cores, so each figure is an upper bound when both run, and other work on the machine moves them.
-One worker is often slower than none: the main process uses both cores' threads and needs no
-copy between processes, while a worker runs one thread; workers pay off as their number grows,
-and they keep decoding while the model trains. On a GPU, training consumes far more images/s (not
-measured here): a recipe needs about twice the GPU's training rate divided by the
-`num_workers=1` rate worker processes, each on its own core.
+One worker is often slower than none on a quiet machine: the main process uses both cores'
+threads and needs no copy between processes, while a worker runs one thread. But with other work
+on the cores, the main process's multi-threaded resizing can collapse (tens of images/s in the
+imagenet row in some runs), while workers, single-threaded, do not; and workers keep decoding
+while the model trains. So the image datasets' configs default to 2 or more workers. On a GPU,
+training consumes far more images/s (not measured here): a recipe needs about twice the GPU's
+training rate divided by the `num_workers=1` rate worker processes, each on its own core.
 """
 
 
