@@ -4,7 +4,8 @@ torchvision checks the md5 of every extracted file, which refuses any correctly 
 that is not byte-identical to the official one (a re-packed copy, or the small files the tests
 write). The subclasses here keep the md5 check where it protects users, on the downloaded
 archive, and only require the extracted files to be present; their format is checked by
-parsing them, and a file that does not parse gets a clear error.
+parsing them, and a file that does not parse gets a clear error. Each subclass also carries what
+one shared builder needs: its name, native image size, training-set mean/std and split arguments.
 """
 
 import pickle
@@ -15,10 +16,6 @@ from torchvision import datasets
 
 from setrain.data.transforms import build_transforms, resize_to
 from setrain.errors import SetrainError
-
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-STL10_MEAN, STL10_STD = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
 
 
 def _presence_only(file_list: list) -> list:
@@ -31,6 +28,9 @@ class CIFAR10Files(datasets.CIFAR10):
     train_list = _presence_only(datasets.CIFAR10.train_list)
     test_list = _presence_only(datasets.CIFAR10.test_list)
     meta = {**datasets.CIFAR10.meta, "md5": None}
+    description, native_size = "CIFAR-10", 32
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    split_arguments = {"train": True}, {"train": False}
 
 
 class CIFAR100Files(datasets.CIFAR100):
@@ -39,6 +39,9 @@ class CIFAR100Files(datasets.CIFAR100):
     train_list = _presence_only(datasets.CIFAR100.train_list)
     test_list = _presence_only(datasets.CIFAR100.test_list)
     meta = {**datasets.CIFAR100.meta, "md5": None}
+    description, native_size = "CIFAR-100", 32
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    split_arguments = {"train": True}, {"train": False}
 
 
 class STL10Files(datasets.STL10):
@@ -46,6 +49,9 @@ class STL10Files(datasets.STL10):
 
     train_list = [[name, None] for name, _ in datasets.STL10.train_list if "unlabeled" not in name]
     test_list = _presence_only(datasets.STL10.test_list)
+    description, native_size = "STL10", 96
+    mean, std = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
+    split_arguments = {"split": "train"}, {"split": "test"}
 
 
 def _load(dataset_class, root: Path, download: bool, description: str, **kwargs):
@@ -80,15 +86,17 @@ def _load(dataset_class, root: Path, download: bool, description: str, **kwargs)
     return dataset
 
 
-def _build(
-    dataset_class, description: str, native_size: int, mean, std, train_split: dict, val_split: dict,
-    root: str, download: bool, image_size: int, augment: str,
-) -> tuple[Dataset, Dataset, int]:  # fmt: skip
+def _build(dataset_class, root: str, download: bool, image_size: int, augment: str):
     """Train and val sets of one official-file dataset; only the training split downloads."""
     train_transform, val_transform = build_transforms(
-        augment, image_size, resize_to(image_size, native_size), mean, std
+        augment,
+        image_size,
+        resize_to(image_size, dataset_class.native_size),
+        dataset_class.mean,
+        dataset_class.std,
     )
-    root = Path(root).absolute()
+    root, description = Path(root).absolute(), dataset_class.description
+    train_split, val_split = dataset_class.split_arguments
     train = _load(dataset_class, root, download, description, transform=train_transform, **train_split)
     val = _load(dataset_class, root, False, description, transform=val_transform, **val_split)
     return train, val, len(train.classes)
@@ -98,18 +106,14 @@ def build_cifar10(
     root: str = "datasets", download: bool = False, image_size: int = 32, augment: str = "cifar"
 ) -> tuple[Dataset, Dataset, int]:
     """CIFAR-10: 50,000 training and 10,000 test images of 32 px in 10 classes."""
-    splits = dict(train_split={"train": True}, val_split={"train": False})
-    return _build(CIFAR10Files, "CIFAR-10", 32, CIFAR10_MEAN, CIFAR10_STD, **splits,
-                  root=root, download=download, image_size=image_size, augment=augment)  # fmt: skip
+    return _build(CIFAR10Files, root, download, image_size, augment)
 
 
 def build_cifar100(
     root: str = "datasets", download: bool = False, image_size: int = 32, augment: str = "cifar"
 ) -> tuple[Dataset, Dataset, int]:
     """CIFAR-100: the same images and loader as CIFAR-10, with 100 fine-grained classes."""
-    splits = dict(train_split={"train": True}, val_split={"train": False})
-    return _build(CIFAR100Files, "CIFAR-100", 32, CIFAR100_MEAN, CIFAR100_STD, **splits,
-                  root=root, download=download, image_size=image_size, augment=augment)  # fmt: skip
+    return _build(CIFAR100Files, root, download, image_size, augment)
 
 
 def build_stl10(
@@ -119,6 +123,4 @@ def build_stl10(
 
     The unlabelled split (100,000 images) is not loaded: training here is supervised.
     """
-    splits = dict(train_split={"split": "train"}, val_split={"split": "test"})
-    return _build(STL10Files, "STL10", 96, STL10_MEAN, STL10_STD, **splits,
-                  root=root, download=download, image_size=image_size, augment=augment)  # fmt: skip
+    return _build(STL10Files, root, download, image_size, augment)
