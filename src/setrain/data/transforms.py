@@ -22,8 +22,8 @@ def pad_crop_flip(image_size: int, base: list) -> list:
 
 
 def random_resized_crop_flip(image_size: int, base: list) -> list:
-    """SENet paper sec. 6 (after Szegedy et al. 2015): a crop of 8-100% of the area and aspect 3/4-4/3,
-    resized to image_size, and horizontal flip. Works on any image size, so `base` is not needed."""
+    """SENet paper, TPAMI sec. 5.1 (after Szegedy et al. 2015): a crop of 8-100% of the area and
+    aspect 3/4-4/3, resized to image_size, and flip. Works on any image size, so `base` is not needed."""
     return [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
 
 
@@ -76,7 +76,7 @@ def resize_to(image_size: int, native_size: int) -> list:
 def resize_centre_crop(image_size: int, crop_fraction: float) -> list:
     """`base` for photos of any size: resize the short side to image_size / crop_fraction, crop the centre.
 
-    crop_fraction 0.875 is the paper's evaluation (sec. 6): resize to 256, centre crop 224.
+    crop_fraction 0.875 is the paper's evaluation (TPAMI sec. 5.1): resize to 256, centre crop 224.
     """
     if not 0 < crop_fraction <= 1:
         raise SetrainError(f"data.crop_fraction={crop_fraction} must be in (0, 1]; 0.875 crops 224 from 256.")
