@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import TINY, assert_user_error, run_cli
-from formats import write_cifar10, write_stl10
+from formats import write_cifar10, write_cifar100, write_image_folder, write_imagenet, write_stl10
 
 pytestmark = pytest.mark.slow
 
@@ -74,13 +74,49 @@ def test_corrupt_checkpoint_is_refused_and_nothing_is_overwritten(tmp_path):
     assert {path: path.read_bytes() for path in before} == before
 
 
-@pytest.mark.parametrize("name, write", [("cifar10", write_cifar10), ("stl10", write_stl10)])
-def test_torchvision_datasets_train_from_official_format_files(tmp_path, name, write):
+def write_folder(root):
+    write_image_folder(root / "folder" / "train", ["cat", "dog", "fox", "owl"], per_class=6)
+
+
+@pytest.mark.parametrize(
+    "name, write, options, num_classes",
+    [
+        ("cifar10", write_cifar10, [], 10),
+        ("cifar100", write_cifar100, [], 100),
+        ("stl10", write_stl10, ["data.image_size=48"], 10),
+        ("imagenet", lambda root: write_imagenet(root / "imagenet", devkit=True), ["data.image_size=32"], 3),
+        ("folder", write_folder, ["data.image_size=32", "data.val_fraction=0.25"], 4),
+    ],
+)
+def test_every_dataset_trains_from_its_real_format_files(tmp_path, name, write, options, num_classes):
     write(tmp_path / "datasets")
     run_dir = tmp_path / "run"
     result = run_cli(
-        f"data={name}", "data.batch_size=8", "data.num_workers=0", "trainer.epochs=1",
-        f"hydra.run.dir={run_dir}", cwd=tmp_path,
+        f"data={name}", *options, "data.batch_size=8", "data.num_workers=1", "trainer.epochs=1",
+        "trainer.device=cpu", f"hydra.run.dir={run_dir}", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert json.loads((run_dir / "results.json").read_text())["data"] == name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["data"] == name and results["num_classes"] == num_classes
+
+
+def test_corrupt_image_in_a_worker_is_one_line_naming_the_file(tmp_path):
+    write_folder(tmp_path / "datasets")
+    broken = tmp_path / "datasets" / "folder" / "train" / "dog" / "dog_2.png"
+    broken.write_bytes(b"not a png")
+    result = run_cli(
+        "data=folder", "data.image_size=16", "data.val_fraction=0.25", "data.batch_size=4",
+        "data.num_workers=2", "trainer.epochs=1", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert_user_error(
+        result, f"setrain: error: {broken} is not an image file PIL can read; replace or delete it."
+    )
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_missing_imagenet_is_one_line_naming_the_folder(tmp_path):
+    result = run_cli("data=imagenet", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_user_error(
+        result, f"ImageNet folder {tmp_path / 'datasets' / 'imagenet'} does not exist; set data.root"
+    )

@@ -2,23 +2,29 @@
 
 Add a dataset by writing a builder ``build_<name>(...) -> (train_set, val_set, num_classes)``,
 adding it to DATASETS below, and adding configs/data/<name>.yaml whose keys, besides the
-loader settings (name, batch_size, num_workers), are the builder's arguments.
+loader settings (name, batch_size, num_workers), are the builder's arguments. Augmentation
+recipes (`data.augment`) live in transforms.py.
 """
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from setrain.data.folders import build_folder, build_imagenet
 from setrain.data.shapes import build_shapes
-from setrain.data.torchvision_sets import build_cifar10, build_stl10
+from setrain.data.torchvision_sets import build_cifar10, build_cifar100, build_stl10
 from setrain.errors import SetrainError
 
 DATASETS = {
     "shapes": build_shapes,
-    "stl10": build_stl10,
     "cifar10": build_cifar10,
+    "cifar100": build_cifar100,
+    "stl10": build_stl10,
+    "imagenet": build_imagenet,
+    "folder": build_folder,
 }
 
 LOADER_KEYS = ("name", "batch_size", "num_workers")
@@ -34,7 +40,16 @@ class DataBundle:
 
 
 def build_data(data_cfg: dict, device: torch.device) -> DataBundle:
-    """Build train/val loaders from a data config such as configs/data/shapes.yaml."""
+    """Build train/val loaders from a data config such as configs/data/shapes.yaml.
+
+    Workers decode and augment; on CUDA, batches go to pinned memory for asynchronous copies.
+    Workers are persistent only on CUDA. On the CPU, fresh workers each epoch draw their seeds
+    from the generator the trainer reseeds per epoch, which keeps augmentation, and so a resumed
+    run, bitwise identical to an uninterrupted one; persistent workers would keep the seeds drawn
+    in the first epoch. On CUDA, runs are not bitwise reproducible anyway (cuDNN), and restarting
+    many workers every epoch costs seconds, so there they stay; the sample order still follows
+    (seed, epoch), only the augmentation stream of a resumed run differs.
+    """
     name = data_cfg["name"]
     if name not in DATASETS:
         raise SetrainError(f"Unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}.")
@@ -51,21 +66,25 @@ def build_data(data_cfg: dict, device: torch.device) -> DataBundle:
 
     train_set, val_set, num_classes = builder(**options)
     if len(train_set) < batch_size:
+        where = f" in {Path(data_cfg['root']).absolute()}" if "root" in data_cfg else ""
         raise SetrainError(
-            f"The {name} training set has {len(train_set)} images, fewer than one batch of "
-            f"{batch_size}; lower data.batch_size."
+            f"The {name} training set{where} has {len(train_set)} images, fewer than one batch of "
+            f"{batch_size}; lower data.batch_size or add images."
         )
     if len(val_set) == 0:
-        raise SetrainError(f"The {name} validation set is empty; give it images (data.val_size for shapes).")
+        raise SetrainError(
+            f"The {name} validation set is empty; give it images (data.val_size for shapes, "
+            "a larger data.val_fraction for folder)."
+        )
     generator = torch.Generator()
-    # Workers are not persistent: fresh workers each epoch draw their seeds from the reseeded
-    # generator, which keeps augmentation, and so a resumed run, identical to an uninterrupted one.
+    on_cuda = device.type == "cuda"
     loader_options = dict(
-        batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=on_cuda,
+        persistent_workers=on_cuda and num_workers > 0,
     )
     # Full batches only in training: a last batch of one image would break BatchNorm.
-    train_loader = DataLoader(
-        train_set, shuffle=True, drop_last=True, generator=generator, **loader_options
-    )
+    train_loader = DataLoader(train_set, shuffle=True, drop_last=True, generator=generator, **loader_options)
     val_loader = DataLoader(val_set, shuffle=False, **loader_options)
     return DataBundle(train_loader, val_loader, num_classes, generator)

@@ -1,24 +1,21 @@
-"""STL10 and CIFAR-10 through torchvision's own dataset classes.
+"""CIFAR-10, CIFAR-100 and STL10 through torchvision's own dataset classes.
 
 torchvision checks the md5 of every extracted file, which refuses any correctly formatted copy
 that is not byte-identical to the official one (a re-packed copy, or the small files the tests
 write). The subclasses here keep the md5 check where it protects users, on the downloaded
 archive, and only require the extracted files to be present; their format is checked by
-parsing them, and a file that does not parse gets a clear error.
+parsing them, and a file that does not parse gets a clear error. Each subclass also carries what
+one shared builder needs: its name, native image size, training-set mean/std and split arguments.
 """
 
 import pickle
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
-from torchvision.transforms import v2
 
+from setrain.data.transforms import build_transforms, resize_to
 from setrain.errors import SetrainError
-
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-STL10_MEAN, STL10_STD = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
 
 
 def _presence_only(file_list: list) -> list:
@@ -31,6 +28,20 @@ class CIFAR10Files(datasets.CIFAR10):
     train_list = _presence_only(datasets.CIFAR10.train_list)
     test_list = _presence_only(datasets.CIFAR10.test_list)
     meta = {**datasets.CIFAR10.meta, "md5": None}
+    description, native_size = "CIFAR-10", 32
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    split_arguments = {"train": True}, {"train": False}
+
+
+class CIFAR100Files(datasets.CIFAR100):
+    """CIFAR-100's python-version files (fine labels); md5 verified on the downloaded archive only."""
+
+    train_list = _presence_only(datasets.CIFAR100.train_list)
+    test_list = _presence_only(datasets.CIFAR100.test_list)
+    meta = {**datasets.CIFAR100.meta, "md5": None}
+    description, native_size = "CIFAR-100", 32
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    split_arguments = {"train": True}, {"train": False}
 
 
 class STL10Files(datasets.STL10):
@@ -38,16 +49,14 @@ class STL10Files(datasets.STL10):
 
     train_list = [[name, None] for name, _ in datasets.STL10.train_list if "unlabeled" not in name]
     test_list = _presence_only(datasets.STL10.test_list)
+    description, native_size = "STL10", 96
+    mean, std = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
+    split_arguments = {"split": "train"}, {"split": "test"}
 
 
-def _to_normalized_tensor(mean, std) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-
-
-def _load(dataset_class, root: str, download: bool, description: str, folder: str, url: str, **kwargs):
+def _load(dataset_class, root: Path, download: bool, description: str, **kwargs):
     """Build a torchvision dataset, turning its download, missing-file and format errors into one sentence."""
-    root = Path(root).absolute()
-    expected = root / folder
+    expected, url = root / dataset_class.base_folder, dataset_class.url
     try:
         dataset = dataset_class(root, download=download, **kwargs)
     except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as error:
@@ -77,35 +86,41 @@ def _load(dataset_class, root: str, download: bool, description: str, folder: st
     return dataset
 
 
-def build_cifar10(root: str = "datasets", download: bool = False) -> tuple[Dataset, Dataset, int]:
-    """CIFAR-10 with the standard recipe: pad-4 random crop and horizontal flip for training."""
-    train_transform = v2.Compose(
-        [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
-        + _to_normalized_tensor(CIFAR10_MEAN, CIFAR10_STD)
+def _build(dataset_class, root: str, download: bool, image_size: int, augment: str):
+    """Train and val sets of one official-file dataset; only the training split downloads."""
+    train_transform, val_transform = build_transforms(
+        augment,
+        image_size,
+        resize_to(image_size, dataset_class.native_size),
+        dataset_class.mean,
+        dataset_class.std,
     )
-    val_transform = v2.Compose(_to_normalized_tensor(CIFAR10_MEAN, CIFAR10_STD))
-    common = dict(
-        description="CIFAR-10",
-        folder=CIFAR10Files.base_folder,
-        url=CIFAR10Files.url,
-    )
-    train = _load(CIFAR10Files, root, download, train=True, transform=train_transform, **common)
-    val = _load(CIFAR10Files, root, False, train=False, transform=val_transform, **common)
-    return train, val, 10
+    root, description = Path(root).absolute(), dataset_class.description
+    train_split, val_split = dataset_class.split_arguments
+    train = _load(dataset_class, root, download, description, transform=train_transform, **train_split)
+    val = _load(dataset_class, root, False, description, transform=val_transform, **val_split)
+    return train, val, len(train.classes)
+
+
+def build_cifar10(
+    root: str = "datasets", download: bool = False, image_size: int = 32, augment: str = "cifar"
+) -> tuple[Dataset, Dataset, int]:
+    """CIFAR-10: 50,000 training and 10,000 test images of 32 px in 10 classes."""
+    return _build(CIFAR10Files, root, download, image_size, augment)
+
+
+def build_cifar100(
+    root: str = "datasets", download: bool = False, image_size: int = 32, augment: str = "cifar"
+) -> tuple[Dataset, Dataset, int]:
+    """CIFAR-100: the same images and loader as CIFAR-10, with 100 fine-grained classes."""
+    return _build(CIFAR100Files, root, download, image_size, augment)
 
 
 def build_stl10(
-    root: str = "datasets", download: bool = False, image_size: int = 96
+    root: str = "datasets", download: bool = False, image_size: int = 96, augment: str = "cifar"
 ) -> tuple[Dataset, Dataset, int]:
-    """STL10's labelled train (5,000) and test (8,000) splits at 96 px, optionally resized."""
-    resize = [v2.Resize(image_size, antialias=True)] if image_size != 96 else []
-    train_transform = v2.Compose(
-        resize
-        + [v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
-        + _to_normalized_tensor(STL10_MEAN, STL10_STD)
-    )
-    val_transform = v2.Compose(resize + _to_normalized_tensor(STL10_MEAN, STL10_STD))
-    common = dict(description="STL10", folder=STL10Files.base_folder, url=STL10Files.url)
-    train = _load(STL10Files, root, download, split="train", transform=train_transform, **common)
-    val = _load(STL10Files, root, False, split="test", transform=val_transform, **common)
-    return train, val, 10
+    """STL10's labelled train (5,000) and test (8,000) splits at 96 px, optionally resized.
+
+    The unlabelled split (100,000 images) is not loaded: training here is supervised.
+    """
+    return _build(STL10Files, root, download, image_size, augment)

@@ -1,0 +1,83 @@
+"""Augmentation recipes by name (`data.augment=<name>`), shared by every image dataset.
+
+A dataset supplies its deterministic `base` steps, which bring one of its images to the model's
+input size (nothing for CIFAR at 32 px; resize and centre crop for ImageNet). Validation uses
+`base` alone; a recipe adds the random steps for training. Images become uint8 tensors first, as
+torchvision recommends for v2 (its uint8 resize is the fast path), and floats only at the end.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torchvision.transforms import v2
+
+from setrain.errors import SetrainError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def pad_crop_flip(image_size: int, base: list) -> list:
+    """He et al. 2016 (sec. 4.2), CIFAR: pad 4 px (1/8 of 32), random 32 px crop, horizontal flip."""
+    return [*base, v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
+
+
+def random_resized_crop_flip(image_size: int, base: list) -> list:
+    """SENet paper, TPAMI sec. 5.1 (after Szegedy et al. 2015): a crop of 8-100% of the area and
+    aspect 3/4-4/3, resized to image_size, and flip. Works on any image size, so `base` is not needed."""
+    return [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+
+
+def flip(image_size: int, base: list) -> list:
+    """Horizontal flip only."""
+    return [*base, v2.RandomHorizontalFlip()]
+
+
+def no_augmentation(image_size: int, base: list) -> list:
+    """Train on exactly what validation sees."""
+    return list(base)
+
+
+AUGMENTATIONS: dict[str, Callable[[int, list], list]] = {
+    "cifar": pad_crop_flip,
+    "imagenet": random_resized_crop_flip,
+    "flip": flip,
+    "none": no_augmentation,
+}
+
+
+def build_transforms(
+    augment: str,
+    image_size: int,
+    base: list,
+    mean: Sequence[float],
+    std: Sequence[float],
+    val_base: list | None = None,
+) -> tuple[v2.Compose, v2.Compose]:
+    """(train, val) transforms: recipe `augment` for training, `base` for validation, both normalised.
+
+    `val_base` replaces `base` for validation when it is evaluated at another size (the paper
+    evaluates SENet-154 on 320 px crops of a model trained on 224 px ones).
+    """
+    if augment not in AUGMENTATIONS:
+        raise SetrainError(f"Unknown data.augment={augment!r}; choose one of: {', '.join(AUGMENTATIONS)}.")
+    if image_size < 8:
+        raise SetrainError(f"data.image_size={image_size} is too small; use 16 or more.")
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    train = v2.Compose([v2.ToImage(), *AUGMENTATIONS[augment](image_size, base), *to_float])
+    val = v2.Compose([v2.ToImage(), *(base if val_base is None else val_base), *to_float])
+    return train, val
+
+
+def resize_to(image_size: int, native_size: int) -> list:
+    """`base` for a dataset whose images all have one size: resize only when another size is asked for."""
+    return [] if image_size == native_size else [v2.Resize(image_size, antialias=True)]
+
+
+def resize_centre_crop(image_size: int, crop_fraction: float) -> list:
+    """`base` for photos of any size: resize the short side to image_size / crop_fraction, crop the centre.
+
+    crop_fraction 0.875 is the paper's evaluation (TPAMI sec. 5.1): resize to 256, centre crop 224.
+    """
+    if not 0 < crop_fraction <= 1:
+        raise SetrainError(f"data.crop_fraction={crop_fraction} must be in (0, 1]; 0.875 crops 224 from 256.")
+    return [v2.Resize(round(image_size / crop_fraction), antialias=True), v2.CenterCrop(image_size)]
