@@ -2,6 +2,7 @@
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from conftest import REPO_ROOT, TINY, compose_config, run_cli
@@ -45,3 +46,8 @@ def test_an_ablation_multirun_trains_one_job_per_setting(tmp_path):
         for path in sweep_dir.glob("*/results.json")
     )
     assert gates == ["relu", "sigmoid", "tanh"]
+
+
+def test_a_misspelt_experiment_is_refused_not_ignored():
+    with pytest.raises(MissingConfigException, match="experiment/ablation_gates"):
+        compose_config("experiment=ablation_gates")
