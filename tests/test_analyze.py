@@ -1,5 +1,6 @@
 """`python -m setrain.analyze`: excitations per class and SE removed by stage (paper Sec. 7)."""
 
+import copy
 import json
 import os
 import subprocess
@@ -9,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from torch import nn
 
 from conftest import REPO_ROOT, TINY, assert_user_error, run_cli
-from setrain.analyze import analyze, collect_excitations, pyplot, se_ablation, se_blocks, stage_of, summarise
+from setrain.analyze import (
+    analyze, collect_excitations, pyplot, se_ablation, se_blocks, se_disabled, stage_of, summarise,
+)
 from setrain.errors import SetrainError
 from setrain.models import SEBlock, create_model
 
@@ -74,6 +78,18 @@ def test_ablation_names_paper_stages_and_leaves_the_model_intact():
     torch.testing.assert_close(model(batches[0][0]), before)  # the hooks are gone
 
 
+def test_gates_forced_to_one_compute_the_network_without_se():
+    torch.manual_seed(0)
+    model = create_model("se_resnet20", num_classes=4).eval()
+    images = tiny_batches()[0][0]
+    without_se = copy.deepcopy(model)
+    for module in without_se.modules():
+        if isinstance(getattr(module, "se", None), SEBlock):
+            module.se = nn.Identity()
+    with torch.no_grad(), se_disabled(list(se_blocks(model).values())):
+        torch.testing.assert_close(model(images), without_se(images))
+
+
 def test_blocks_outside_stages_are_their_own_depth():
     blocks = se_blocks(create_model("se_mobilenet_v1", num_classes=4, width_mult=0.25))
     assert list(blocks) == [f"SE_{n}" for n in range(1, 14)]
@@ -127,6 +143,8 @@ def test_analyze_cli_writes_consistent_figures_arrays_and_ablation(trained_run, 
         json.loads((trained_run / "results.json").read_text())["final"]["val_top1"]
     )
     assert "| stage 4 |" in (out / "se_ablation.md").read_text()
+    assert list(report["class_specificity"]) == [f"SE_{s}_{b}" for s in (2, 3, 4) for b in (1, 2, 3)]
+    assert all(score >= 0 for score in report["class_specificity"].values())
 
     chosen_dir = tmp_path / "chosen"
     chosen = run_analyze(

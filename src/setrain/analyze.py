@@ -17,6 +17,7 @@ Forward hooks on each SE block's `excitation` read or replace its gate; no model
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 
@@ -81,7 +82,6 @@ def collect_excitations(
         for name, block in blocks.items()
     }
     counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    labels = torch.empty(0, dtype=torch.long, device=device)
 
     def recorder(name: str):
         def record(module, inputs, gate):  # returns None: the gate passes on unchanged
@@ -92,7 +92,7 @@ def collect_excitations(
     handles = [block.excitation.register_forward_hook(recorder(name)) for name, block in blocks.items()]
     try:
         for images, targets in batches:
-            labels = targets.to(device)
+            labels = targets.to(device)  # read by the hooks during the forward below
             model(images.to(device))
             counts += torch.bincount(labels, minlength=num_classes)
     finally:
@@ -117,9 +117,23 @@ def summarise(sums: dict[str, Tensor], counts: Tensor, classes: list[int]) -> di
         summary[name] = {
             "mean": (per_class.sum(0) / counts.sum()).cpu().numpy(),
             "class_means": class_means.cpu().numpy(),
-            "specificity": class_means.std(dim=0, unbiased=False).mean().item() if len(classes) > 1 else 0.0,
+            "specificity": class_means.std(dim=0, correction=0).mean().item() if len(classes) > 1 else 0.0,
         }
     return summary
+
+
+@contextmanager
+def se_disabled(blocks: list[SEBlock]):
+    """Force the gates of `blocks` to 1 while the context lasts: their input passes unscaled."""
+    handles = [
+        block.excitation.register_forward_hook(lambda module, inputs, gate: torch.ones_like(gate))
+        for block in blocks
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def se_ablation(model: nn.Module, loader, limit: int | None, device: torch.device) -> list[dict]:
@@ -134,15 +148,8 @@ def se_ablation(model: nn.Module, loader, limit: int | None, device: torch.devic
     intact = evaluate(model, criterion, islice(loader, limit), device, "SE intact")["top1"]
     rows = [{"se_disabled_in": "none", "top1": intact, "change": 0.0}]
     for group, members in groups.items():
-        handles = [
-            block.excitation.register_forward_hook(lambda module, inputs, gate: torch.ones_like(gate))
-            for block in members
-        ]
-        try:
+        with se_disabled(members):
             top1 = evaluate(model, criterion, islice(loader, limit), device, f"SE off in {group}")["top1"]
-        finally:
-            for handle in handles:
-                handle.remove()
         rows.append({"se_disabled_in": group, "top1": top1, "change": top1 - intact})
     return rows
 
@@ -266,7 +273,7 @@ def analyze(cfg: DictConfig) -> dict:
     }
     writer = SummaryWriter(out_dir / "tb")
     for name, fig in figures.items():
-        fig.savefig(out_dir / f"{name}.png", dpi=90)
+        fig.savefig(out_dir / f"{name}.png", dpi=80)
         writer.add_figure(f"analysis/{name}", fig)  # closes the figure
     table = ablation_table(ablation)
     (out_dir / "se_ablation.md").write_text(
