@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -96,6 +97,11 @@ def test_blocks_outside_stages_are_their_own_depth():
     assert stage_of("SE_5") == "SE_5" and stage_of("SE_3_2") == "stage 3"
 
 
+def test_analyze_without_a_checkpoint_says_which_to_pass():
+    with pytest.raises(SetrainError, match=r"No checkpoint given; pass checkpoint=<run dir>/checkpoints/best.pt"):
+        analyze(analyze_config())
+
+
 def test_missing_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SetrainError, match=r"pip install 'setrain\[analysis\]'"):
@@ -184,11 +190,12 @@ def _rewritten_checkpoint(trained_run, tmp_path, model_name, num_classes):
         ("resnet20", 10, None, "resnet20 is a plain network; analyze an SE model."),
         ("se_resnet20", 5, None, "has 10 classes but the checkpoint's classifier has 5"),
         ("se_resnet20", 10, "classes=[0,10]", "must list class ids from 0 to 9"),
+        ("se_resnet20", 10, "classes=bird", "classes=['bird'] must list class ids from 0 to 9"),
         ("se_resnet20", 10, "+data.val_size=0", "validation set is empty"),
     ],
 )
 def test_analyze_user_errors(trained_run, tmp_path, model_name, num_classes, override, message):
     checkpoint = _rewritten_checkpoint(trained_run, tmp_path, model_name, num_classes)
     cfg = analyze_config(f"checkpoint={checkpoint}", "device=cpu", *([override] if override else []))
-    with pytest.raises(SetrainError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(SetrainError, match=re.escape(message)):
         analyze(cfg)

@@ -203,7 +203,7 @@ def plot_excitations(plt, summary: dict[str, dict], classes: list[int], title: s
 def plot_specificity(plt, summary: dict[str, dict], title: str):
     """The class specificity of each SE block against its depth."""
     names = list(summary)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(names) + 1.5), 3))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(names) + 2), 3.2))
     ax.plot(range(len(names)), [summary[name]["specificity"] for name in names], "o-")
     ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
     ax.set_xlabel("SE block (input to output)", fontsize=8)
@@ -222,6 +222,8 @@ def ablation_table(rows: list[dict]) -> str:
 def analyze(cfg: DictConfig) -> dict:
     """Run the analysis of `cfg` (configs/analyze.yaml); returns what analysis.json holds."""
     plt = pyplot()
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise SetrainError(f"No checkpoint given; {CHECKPOINT_FIXES[0]}.")
     checkpoint = Path(cfg.checkpoint)
     state = load_checkpoint(checkpoint, CHECKPOINT_FIXES)
     trained = state["config"]
@@ -231,7 +233,10 @@ def analyze(cfg: DictConfig) -> dict:
     if not se_blocks(model):
         raise SetrainError(f"{trained['model']['name']} is a plain network; analyze an SE model.")
 
-    classes = list(range(min(num_classes, DEFAULT_CLASSES))) if cfg.classes is None else list(cfg.classes)
+    if cfg.classes is None:
+        classes = list(range(min(num_classes, DEFAULT_CLASSES)))
+    else:
+        classes = list(cfg.classes) if OmegaConf.is_list(cfg.classes) else [cfg.classes]
     if not classes or any(not isinstance(c, int) or not 0 <= c < num_classes for c in classes):
         raise SetrainError(
             f"classes={classes} must list class ids from 0 to {num_classes - 1} (this model has "
@@ -273,7 +278,7 @@ def analyze(cfg: DictConfig) -> dict:
     }
     writer = SummaryWriter(out_dir / "tb")
     for name, fig in figures.items():
-        fig.savefig(out_dir / f"{name}.png", dpi=80)
+        fig.savefig(out_dir / f"{name}.png", dpi=72)
         writer.add_figure(f"analysis/{name}", fig)  # closes the figure
     table = ablation_table(ablation)
     (out_dir / "se_ablation.md").write_text(
