@@ -1,4 +1,4 @@
-"""Glue between Hydra's entry point (train.py) and the engine: run dir and user errors.
+"""Glue between the Hydra entry points (train.py, setrain.analyze) and the engine: run dir, user errors.
 
 A user error (SetrainError) is printed as one sentence without a traceback; set
 HYDRA_FULL_ERROR=1 to see the full trace. In a multirun the failed job is reported and the
@@ -26,13 +26,18 @@ def run_training(cfg: DictConfig) -> float | None:
     try:
         return train(cfg, run_dir)["best"]["val_top1"]
     except SetrainError as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"setrain: error: {error}", file=sys.stderr)
+        report_user_error(error)
         if hydra_cfg.mode != RunMode.MULTIRUN:
             sys.exit(1)
         failed_jobs.append(f"{hydra_cfg.job.num} ({run_dir})")
         return None
+
+
+def report_user_error(error: SetrainError) -> None:
+    """Print the error's sentence as one line, or re-raise it when HYDRA_FULL_ERROR=1 asks for the trace."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"setrain: error: {error}", file=sys.stderr)
 
 
 def exit_status() -> int:

@@ -23,16 +23,21 @@ def save_checkpoint(state: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: Path | str) -> dict:
-    """Read a setrain training checkpoint onto the CPU, refusing anything that is not one."""
+RESUME_FIXES = (
+    "pass resume=<path to a checkpoint .pt file> or resume=auto to continue from this run "
+    "directory's checkpoints/last.pt",
+    "resume from another one, such as checkpoints/best.pt",
+)
+
+
+def load_checkpoint(path: Path | str, fixes: tuple[str, str] = RESUME_FIXES) -> dict:
+    """Read a setrain training checkpoint onto the CPU, refusing anything that is not one.
+
+    `fixes` end the error sentence for a missing and for an unreadable file; the defaults speak
+    to `resume=`, other commands (setrain.analyze) name their own option.
+    """
     path = Path(path)
-    state = load_torch_file(
-        path,
-        f"Checkpoint {path}",
-        missing_fix="pass resume=<path to a checkpoint .pt file> or resume=auto to continue from "
-        "this run directory's checkpoints/last.pt",
-        unreadable_fix="resume from another one, such as checkpoints/best.pt",
-    )
+    state = load_torch_file(path, f"Checkpoint {path}", missing_fix=fixes[0], unreadable_fix=fixes[1])
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise SetrainError(
             f"Checkpoint {path} is not a setrain training checkpoint (it lacks "

@@ -1,0 +1,318 @@
+"""What SE learns (paper Sec. 7): the excitations per class at each depth, and SE removed by stage.
+
+    python -m setrain.analyze checkpoint=outputs/<run>/checkpoints/best.pt data=stl10 classes=[0,3,7]
+
+writes into <run dir>/analysis/ (configs/analyze.yaml lists the options):
+
+- `excitations.npz`: per SE block, the mean gate per channel over all images (`<block>/mean`, C),
+  per chosen class (`<block>/class_means`, K x C) and the images per class (`class_counts`, K);
+- `fig6_excitations.png`: the paper's Fig. 6, one panel per SE block, channels on x, a line per class;
+- `class_specificity.png`: how far the per-class means spread, against depth;
+- `se_ablation.md`: val top-1 with the gates of one stage forced to 1 (TPAMI Table 15 in spirit);
+- `analysis.json` (all the numbers) and `tb/` (the figures and the table, for TensorBoard).
+
+Forward hooks on each SE block's `excitation` read or replace its gate; no model code changes.
+"""
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from itertools import islice
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
+
+from setrain.cli import report_user_error
+from setrain.data import build_data
+from setrain.engine.checkpoint import load_checkpoint, load_model_state
+from setrain.engine.loop import evaluate
+from setrain.engine.trainer import resolve_device
+from setrain.errors import SetrainError
+from setrain.models import SEBlock, build_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLASSES = 10  # lines per panel when `classes` is not given; more are unreadable
+MAX_PANELS = 12  # deeper networks show this many SE blocks, evenly spaced by depth
+CHECKPOINT_FIXES = (
+    "pass checkpoint=<run dir>/checkpoints/best.pt of a finished run",
+    "analyze another one, such as checkpoints/last.pt",
+)
+
+
+def se_blocks(model: nn.Module) -> dict[str, SEBlock]:
+    """The SE blocks in forward order, named as in the paper's Fig. 6: SE_<stage>_<block> in
+    ResNets (the stem is stage 1, so `stages[0]` is stage 2), SE_<n> in networks without stages."""
+    blocks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SEBlock):
+            parts = name.split(".")
+            if parts[0] == "stages":
+                blocks[f"SE_{int(parts[1]) + 2}_{int(parts[2]) + 1}"] = module
+            else:
+                blocks[f"SE_{len(blocks) + 1}"] = module
+    return blocks
+
+
+def stage_of(block: str) -> str:
+    """SE_4_2 -> "stage 4"; a block outside stages (MobileNetV1) is a depth of its own."""
+    parts = block.split("_")
+    return f"stage {parts[1]}" if len(parts) == 3 else block
+
+
+@torch.inference_mode()
+def collect_excitations(
+    model: nn.Module, batches, num_classes: int, device: torch.device
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Sum every SE block's gate (N, C) per class over `batches`, in eval mode.
+
+    Returns the sums per block (num_classes, C) and the images per class (num_classes,); only
+    these sums are kept, never the activations. float64, so means over many images stay exact.
+    """
+    model.eval()
+    blocks = se_blocks(model)
+    sums = {
+        name: torch.zeros(num_classes, block.excitation[0].in_features, dtype=torch.float64, device=device)
+        for name, block in blocks.items()
+    }
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+
+    def recorder(name: str):
+        def record(module, inputs, gate):  # returns None: the gate passes on unchanged
+            sums[name].index_add_(0, labels, gate.double())
+
+        return record
+
+    handles = [block.excitation.register_forward_hook(recorder(name)) for name, block in blocks.items()]
+    try:
+        for images, targets in batches:
+            labels = targets.to(device)  # read by the hooks during the forward below
+            model(images.to(device))
+            counts += torch.bincount(labels, minlength=num_classes)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums, counts
+
+
+def summarise(sums: dict[str, Tensor], counts: Tensor, classes: list[int]) -> dict[str, dict]:
+    """Per block: the mean gate over all images (C,), per chosen class (K, C), and the class
+    specificity, the spread (std) of the per-class means over the chosen classes, averaged over
+    channels: near 0 where all classes are excited alike (early layers in the paper's Fig. 6)."""
+    empty = [label for label in classes if counts[label] == 0]
+    if empty:
+        raise SetrainError(
+            f"Class(es) {empty} have no images in the analysed validation batches; raise `batches` "
+            "(or set batches=null for all) or pick other classes."
+        )
+    summary = {}
+    for name, per_class in sums.items():
+        class_means = per_class[classes] / counts[classes][:, None]
+        summary[name] = {
+            "mean": (per_class.sum(0) / counts.sum()).cpu().numpy(),
+            "class_means": class_means.cpu().numpy(),
+            "specificity": class_means.std(dim=0, correction=0).mean().item() if len(classes) > 1 else 0.0,
+        }
+    return summary
+
+
+@contextmanager
+def se_disabled(blocks: list[SEBlock]):
+    """Force the gates of `blocks` to 1 while the context lasts: their input passes unscaled."""
+    handles = [
+        block.excitation.register_forward_hook(lambda module, inputs, gate: torch.ones_like(gate))
+        for block in blocks
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def se_ablation(model: nn.Module, loader, limit: int | None, device: torch.device) -> list[dict]:
+    """Val top-1 with the gates of each stage, then of all stages, forced to 1: SE switched off
+    there without retraining. `change` is in percentage points against the intact model."""
+    blocks = se_blocks(model)
+    groups: dict[str, list[SEBlock]] = {}
+    for name, block in blocks.items():
+        groups.setdefault(stage_of(name), []).append(block)
+    groups["all"] = list(blocks.values())
+    criterion = nn.CrossEntropyLoss()
+    intact = evaluate(model, criterion, islice(loader, limit), device, "SE intact")["top1"]
+    rows = [{"se_disabled_in": "none", "top1": intact, "change": 0.0}]
+    for group, members in groups.items():
+        with se_disabled(members):
+            top1 = evaluate(model, criterion, islice(loader, limit), device, f"SE off in {group}")["top1"]
+        rows.append({"se_disabled_in": group, "top1": top1, "change": top1 - intact})
+    return rows
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend; matplotlib is the `analysis` extra."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise SetrainError(
+            "setrain.analyze draws its figures with matplotlib, which is not installed; install it "
+            "with pip install 'setrain[analysis]'."
+        ) from error
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def plot_excitations(plt, summary: dict[str, dict], classes: list[int], title: str):
+    """Fig. 6 of the paper: per SE block, the mean gate of each channel per class and overall."""
+    names = list(summary)
+    if len(names) > MAX_PANELS:
+        picked = np.unique(np.linspace(0, len(names) - 1, MAX_PANELS).round().astype(int))
+        shown = [names[i] for i in picked]
+        which = f"{len(shown)} of {len(names)} SE blocks, evenly spaced by depth"
+    else:
+        shown, which = names, f"all {len(names)} SE blocks"
+    columns = min(3, len(shown))
+    rows = -(-len(shown) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, shown):
+        for label, means in zip(classes, summary[name]["class_means"]):
+            ax.plot(means, linewidth=0.8, label=f"class {label}")
+        ax.plot(summary[name]["mean"], color="black", linestyle="--", linewidth=1, label="all images")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("channel index", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("mean excitation", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
+    fig.suptitle(f"{title}: mean excitation per channel ({which})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    return fig
+
+
+def plot_specificity(plt, summary: dict[str, dict], title: str):
+    """The class specificity of each SE block against its depth."""
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(names) + 2), 3.2))
+    ax.plot(range(len(names)), [summary[name]["specificity"] for name in names], "o-")
+    ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+    ax.set_xlabel("SE block (input to output)", fontsize=8)
+    ax.set_ylabel("std over classes of the\nmean excitation", fontsize=8)
+    ax.set_title(f"{title}: class specificity by depth", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def ablation_table(rows: list[dict]) -> str:
+    lines = ["| SE disabled in | val top-1 (%) | change (points) |", "|---|---|---|"]
+    lines += [f"| {row['se_disabled_in']} | {row['top1']:.2f} | {row['change']:+.2f} |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def analyze(cfg: DictConfig) -> dict:
+    """Run the analysis of `cfg` (configs/analyze.yaml); returns what analysis.json holds."""
+    plt = pyplot()
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise SetrainError(f"No checkpoint given; {CHECKPOINT_FIXES[0]}.")
+    checkpoint = Path(cfg.checkpoint)
+    state = load_checkpoint(checkpoint, CHECKPOINT_FIXES)
+    trained = state["config"]
+    num_classes = state["model"]["fc.weight"].shape[0]  # every family's classifier is `fc`
+    model = build_model(trained["model"], num_classes)
+    load_model_state(model, state["model"], checkpoint)
+    if not se_blocks(model):
+        raise SetrainError(f"{trained['model']['name']} is a plain network; analyze an SE model.")
+
+    if cfg.classes is None:
+        classes = list(range(min(num_classes, DEFAULT_CLASSES)))
+    else:
+        classes = list(cfg.classes) if OmegaConf.is_list(cfg.classes) else [cfg.classes]
+    if not classes or any(not isinstance(c, int) or not 0 <= c < num_classes for c in classes):
+        raise SetrainError(
+            f"classes={classes} must list class ids from 0 to {num_classes - 1} (this model has "
+            f"{num_classes} classes), e.g. classes=[0,3,7]."
+        )
+    if cfg.batches is not None and cfg.batches < 1:
+        raise SetrainError(f"batches={cfg.batches} must be at least 1, or null for all validation batches.")
+
+    # A data config with a name (data=<file>) replaces the checkpoint's; keys alone change it.
+    data_cfg = cfg.get("data")
+    if data_cfg is None or "name" not in data_cfg:
+        data_cfg = OmegaConf.merge(trained["data"], data_cfg or {})
+    device = resolve_device(cfg.device)
+    data = build_data(OmegaConf.to_container(data_cfg, resolve=True), device)
+    if data.num_classes != num_classes:
+        raise SetrainError(
+            f"The {data_cfg.name} data has {data.num_classes} classes but the checkpoint's classifier "
+            f"has {num_classes}; analyze on the dataset the model was trained on."
+        )
+    model.to(device)
+
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else checkpoint.parent.parent / "analysis"
+    log.info("Analysing %s (epoch %d) on %s into %s", checkpoint, state["epoch"], data_cfg.name, out_dir)
+    batches = islice(data.val_loader, cfg.batches)
+    sums, counts = collect_excitations(model, batches, num_classes, device)
+    summary = summarise(sums, counts, classes)
+    ablation = se_ablation(model, data.val_loader, cfg.batches, device)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {"classes": np.array(classes), "class_counts": counts[classes].cpu().numpy()}
+    for name, block in summary.items():
+        arrays[f"{name}/mean"], arrays[f"{name}/class_means"] = block["mean"], block["class_means"]
+    np.savez(out_dir / "excitations.npz", **arrays)
+
+    title = f"{trained['model']['name']} on {data_cfg.name}"
+    figures = {
+        "fig6_excitations": plot_excitations(plt, summary, classes, title),
+        "class_specificity": plot_specificity(plt, summary, title),
+    }
+    writer = SummaryWriter(out_dir / "tb")
+    for name, fig in figures.items():
+        fig.savefig(out_dir / f"{name}.png", dpi=72)
+        writer.add_figure(f"analysis/{name}", fig)  # closes the figure
+    table = ablation_table(ablation)
+    (out_dir / "se_ablation.md").write_text(
+        f"# {title}: val top-1 with SE disabled (gates forced to 1), from {checkpoint}\n\n{table}"
+    )
+    writer.add_text("analysis/se_ablation", table)
+    for depth, (name, block) in enumerate(summary.items()):
+        writer.add_scalar("analysis/class_specificity", block["specificity"], depth)
+    writer.close()
+
+    results = {
+        "checkpoint": str(checkpoint),
+        "epoch": state["epoch"],
+        "model": trained["model"]["name"],
+        "data": data_cfg.name,
+        "classes": classes,
+        "images": int(counts.sum().item()),
+        "class_specificity": {name: block["specificity"] for name, block in summary.items()},
+        "se_ablation": ablation,
+    }
+    (out_dir / "analysis.json").write_text(json.dumps(results, indent=2) + "\n")
+    log.info("SE disabled by stage, val top-1 on %d images:\n%s", results["images"], table)
+    log.info("Done: figures, excitations.npz, se_ablation.md and tb/ in %s", out_dir)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../../configs", config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    try:
+        analyze(cfg)
+    except SetrainError as error:
+        report_user_error(error)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
