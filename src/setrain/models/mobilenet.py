@@ -8,6 +8,7 @@ lists s2 there, but its 7x7 output map, and the reference TensorFlow model, need
 
 from torch import Tensor, nn
 
+from setrain.models.layers import conv_bn_relu
 from setrain.models.registry import register_model
 from setrain.models.se import SEBlock, check_se_options
 
@@ -19,21 +20,13 @@ _BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1
 SE_OPTIONS = ("reduction", "squeeze", "gate")
 
 
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int = 1):
-    return [
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    ]
-
-
 class DepthwiseSeparable(nn.Sequential):
     """3x3 depthwise conv, 1x1 pointwise conv (each with BN and ReLU), then SE (or nothing)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, se: dict | None):
         super().__init__(
-            *_conv_bn_relu(in_channels, in_channels, 3, stride, groups=in_channels),
-            *_conv_bn_relu(in_channels, out_channels, 1, 1),
+            *conv_bn_relu(in_channels, in_channels, 3, stride, groups=in_channels),
+            *conv_bn_relu(in_channels, out_channels, 1, 1),
             SEBlock(out_channels, **se) if se is not None else nn.Identity(),
         )
 
@@ -49,7 +42,7 @@ class MobileNetV1(nn.Module):
             check_se_options(se, SE_OPTIONS)
         self.native_input_size = 224  # what the design was made for
         in_channels = int(32 * width_mult)
-        self.stem = nn.Sequential(*_conv_bn_relu(in_chans, in_channels, 3, 2))
+        self.stem = nn.Sequential(*conv_bn_relu(in_chans, in_channels, 3, 2))
         blocks = []
         for channels, stride in _BLOCKS:
             blocks.append(DepthwiseSeparable(in_channels, int(channels * width_mult), stride, se))

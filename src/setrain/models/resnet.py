@@ -11,6 +11,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from setrain.errors import SetrainError
+from setrain.models.layers import conv_bn_relu
 from setrain.models.registry import register_model
 from setrain.models.se import SEBlock, check_choice, check_se_options
 
@@ -111,29 +112,21 @@ class Bottleneck(BasicBlock):
         )
 
 
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int) -> list:
-    return [
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    ]
-
-
 def _stem(kind: str, in_chans: int, width: int) -> tuple[nn.Sequential, int]:
     """The layers before the first stage, and their output channels."""
     if kind == "imagenet":  # 7x7/2 conv and 3x3/2 max pool for 224 px (He et al. Table 1)
-        layers = _conv_bn_relu(in_chans, width, 7, 2) + [nn.MaxPool2d(3, stride=2, padding=1)]
+        layers = conv_bn_relu(in_chans, width, 7, 2) + [nn.MaxPool2d(3, stride=2, padding=1)]
         return nn.Sequential(*layers), width
     if kind == "deep":  # SENet-154: three 3x3 convs replace the 7x7 (TPAMI Sec. 4, appendix)
         layers = (
-            _conv_bn_relu(in_chans, width, 3, 2)
-            + _conv_bn_relu(width, width, 3, 1)
-            + _conv_bn_relu(width, 2 * width, 3, 1)
+            conv_bn_relu(in_chans, width, 3, 2)
+            + conv_bn_relu(width, width, 3, 1)
+            + conv_bn_relu(width, 2 * width, 3, 1)
             + [nn.MaxPool2d(3, stride=2, padding=1)]
         )
         return nn.Sequential(*layers), 2 * width
     if kind == "cifar":  # one 3x3 conv at full resolution for 32 px (He et al. Sec. 4.2)
-        return nn.Sequential(*_conv_bn_relu(in_chans, width, 3, 1)), width
+        return nn.Sequential(*conv_bn_relu(in_chans, width, 3, 1)), width
     raise ValueError(f"unknown stem {kind!r}; expected 'imagenet', 'deep' or 'cifar'")
 
 
