@@ -17,6 +17,7 @@ from conftest import REPO_ROOT, TINY, assert_user_error, run_cli
 from setrain.analyze import (
     analyze, collect_excitations, pyplot, se_ablation, se_blocks, se_disabled, stage_of, summarise,
 )
+from setrain.engine.loop import evaluate
 from setrain.errors import SetrainError
 from setrain.models import SEBlock, create_model
 
@@ -45,8 +46,9 @@ def test_collected_class_means_average_to_the_overall_mean_and_match_the_gates()
     torch.manual_seed(0)
     model = create_model("se_resnet20", num_classes=4)
     batches = tiny_batches()
-    sums, counts = collect_excitations(model, batches, 4, torch.device("cpu"))
+    sums, counts, top1 = collect_excitations(model, batches, 4, torch.device("cpu"))
     blocks = se_blocks(model)
+    assert top1 == evaluate(model, nn.CrossEntropyLoss(), batches, torch.device("cpu"), "check")["top1"]
     assert len(sums) == len(blocks) == sum(isinstance(m, SEBlock) for m in model.modules()) == 9
     assert list(blocks)[:4] == ["SE_2_1", "SE_2_2", "SE_2_3", "SE_3_1"]
     assert counts.sum() == 21
@@ -73,7 +75,9 @@ def test_ablation_names_paper_stages_and_leaves_the_model_intact():
     model = create_model("se_resnet20", num_classes=4).eval()
     batches = tiny_batches()
     before = model(batches[0][0])
-    rows = se_ablation(model, batches, None, torch.device("cpu"))
+    _, _, intact = collect_excitations(model, batches, 4, torch.device("cpu"))
+    rows = se_ablation(model, batches, None, torch.device("cpu"), intact)
+    assert rows[0] == {"se_disabled_in": "none", "top1": intact, "change": 0.0}
     assert [row["se_disabled_in"] for row in rows] == ["none", "stage 2", "stage 3", "stage 4", "all"]
     assert all(row["change"] == pytest.approx(row["top1"] - rows[0]["top1"]) for row in rows)
     torch.testing.assert_close(model(batches[0][0]), before)  # the hooks are gone

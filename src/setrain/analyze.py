@@ -31,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 from setrain.cli import report_user_error
 from setrain.data import build_data
 from setrain.engine.checkpoint import load_checkpoint, load_model_state
-from setrain.engine.loop import evaluate
+from setrain.engine.loop import evaluate, topk_correct
 from setrain.engine.trainer import resolve_device
 from setrain.errors import SetrainError
 from setrain.models import SEBlock, build_model
@@ -69,11 +69,12 @@ def stage_of(block: str) -> str:
 @torch.inference_mode()
 def collect_excitations(
     model: nn.Module, batches, num_classes: int, device: torch.device
-) -> tuple[dict[str, Tensor], Tensor]:
+) -> tuple[dict[str, Tensor], Tensor, float]:
     """Sum every SE block's gate (N, C) per class over `batches`, in eval mode.
 
-    Returns the sums per block (num_classes, C) and the images per class (num_classes,); only
-    these sums are kept, never the activations. float64, so means over many images stay exact.
+    Returns the sums per block (num_classes, C), the images per class (num_classes,) and the
+    intact model's top-1 on these batches, so the ablation need not run it again; only the sums
+    are kept, never the activations. float64, so means over many images stay exact.
     """
     model.eval()
     blocks = se_blocks(model)
@@ -82,6 +83,7 @@ def collect_excitations(
         for name, block in blocks.items()
     }
     counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
 
     def recorder(name: str):
         def record(module, inputs, gate):  # returns None: the gate passes on unchanged
@@ -93,12 +95,13 @@ def collect_excitations(
     try:
         for images, targets in batches:
             labels = targets.to(device)  # read by the hooks during the forward below
-            model(images.to(device))
+            (hits,) = topk_correct(model(images.to(device)), labels, ks=(1,))
+            correct += hits
             counts += torch.bincount(labels, minlength=num_classes)
     finally:
         for handle in handles:
             handle.remove()
-    return sums, counts
+    return sums, counts, 100 * correct.item() / counts.sum().item()
 
 
 def summarise(sums: dict[str, Tensor], counts: Tensor, classes: list[int]) -> dict[str, dict]:
@@ -136,16 +139,18 @@ def se_disabled(blocks: list[SEBlock]):
             handle.remove()
 
 
-def se_ablation(model: nn.Module, loader, limit: int | None, device: torch.device) -> list[dict]:
+def se_ablation(
+    model: nn.Module, loader, limit: int | None, device: torch.device, intact: float
+) -> list[dict]:
     """Val top-1 with the gates of each stage, then of all stages, forced to 1: SE switched off
-    there without retraining. `change` is in percentage points against the intact model."""
+    there without retraining. `change` is in percentage points against `intact`, the top-1 of
+    the intact model on the same batches."""
     blocks = se_blocks(model)
     groups: dict[str, list[SEBlock]] = {}
     for name, block in blocks.items():
         groups.setdefault(stage_of(name), []).append(block)
     groups["all"] = list(blocks.values())
     criterion = nn.CrossEntropyLoss()
-    intact = evaluate(model, criterion, islice(loader, limit), device, "SE intact")["top1"]
     rows = [{"se_disabled_in": "none", "top1": intact, "change": 0.0}]
     for group, members in groups.items():
         with se_disabled(members):
@@ -261,9 +266,9 @@ def analyze(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else checkpoint.parent.parent / "analysis"
     log.info("Analysing %s (epoch %d) on %s into %s", checkpoint, state["epoch"], data_cfg.name, out_dir)
     batches = islice(data.val_loader, cfg.batches)
-    sums, counts = collect_excitations(model, batches, num_classes, device)
+    sums, counts, intact_top1 = collect_excitations(model, batches, num_classes, device)
     summary = summarise(sums, counts, classes)
-    ablation = se_ablation(model, data.val_loader, cfg.batches, device)
+    ablation = se_ablation(model, data.val_loader, cfg.batches, device, intact_top1)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"classes": np.array(classes), "class_counts": counts[classes].cpu().numpy()}
