@@ -15,11 +15,12 @@ from torch import nn
 
 from conftest import REPO_ROOT, TINY, assert_user_error, run_cli
 from setrain.analyze import (
-    analyze, collect_excitations, pyplot, se_ablation, se_blocks, se_disabled, stage_of, summarise,
+    analyze, collect_excitations, pyplot, se_ablation, se_disabled, summarise,
 )
 from setrain.engine.loop import evaluate
 from setrain.errors import SetrainError
 from setrain.models import SEBlock, create_model
+from setrain.models.se import se_blocks, stage_of
 
 
 def run_analyze(*args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -34,7 +34,8 @@ from setrain.engine.checkpoint import load_checkpoint, load_model_state
 from setrain.engine.loop import evaluate, topk_correct
 from setrain.engine.trainer import resolve_device
 from setrain.errors import SetrainError
-from setrain.models import SEBlock, build_model
+from setrain.models import build_model
+from setrain.models.se import SEBlock, se_blocks, stage_of
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +45,6 @@ CHECKPOINT_FIXES = (
     "pass checkpoint=<run dir>/checkpoints/best.pt of a finished run",
     "analyze another one, such as checkpoints/last.pt",
 )
-
-
-def se_blocks(model: nn.Module) -> dict[str, SEBlock]:
-    """The SE blocks in forward order, named as in the paper's Fig. 6: SE_<stage>_<block> in
-    ResNets (the stem is stage 1, so `stages[0]` is stage 2), SE_<n> in networks without stages."""
-    blocks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, SEBlock):
-            parts = name.split(".")
-            if parts[0] == "stages":
-                blocks[f"SE_{int(parts[1]) + 2}_{int(parts[2]) + 1}"] = module
-            else:
-                blocks[f"SE_{len(blocks) + 1}"] = module
-    return blocks
-
-
-def stage_of(block: str) -> str:
-    """SE_4_2 -> "stage 4"; a block outside stages (MobileNetV1) is a depth of its own."""
-    parts = block.split("_")
-    return f"stage {parts[1]}" if len(parts) == 3 else block
 
 
 @torch.inference_mode()

@@ -2,9 +2,12 @@
 
 A user error (SetrainError) is printed as one sentence without a traceback; set
 HYDRA_FULL_ERROR=1 to see the full trace. In a multirun the failed job is reported and the
-sweep goes on; the process then exits non-zero.
+sweep goes on; the process then exits non-zero. A multirun started again with the same
+`hydra.sweep.dir` skips the jobs that finished and resumes the others from their checkpoints.
 """
 
+import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -14,8 +17,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from setrain.engine import train
+from setrain.engine.signals import RunStopped
 from setrain.errors import SetrainError
 
+log = logging.getLogger(__name__)
 failed_jobs: list[str] = []
 
 
@@ -23,8 +28,18 @@ def run_training(cfg: DictConfig) -> float | None:
     """Train in Hydra's run dir; returns the best val top-1 (a sweeper's objective)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        results = run_dir / "results.json"
+        if results.is_file():
+            log.info("Job %s finished earlier (%s); skipping it.", hydra_cfg.job.num, results)
+            return json.loads(results.read_text())["best"]["val_top1"]
+        if cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
+            cfg.resume = "auto"
     try:
         return train(cfg, run_dir)["best"]["val_top1"]
+    except RunStopped as stopped:
+        log.info("%s", stopped)
+        sys.exit(stopped.exit_code)
     except SetrainError as error:
         report_user_error(error)
         if hydra_cfg.mode != RunMode.MULTIRUN:

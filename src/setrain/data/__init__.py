@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from setrain.data.folders import build_folder, build_imagenet
 from setrain.data.shapes import build_shapes
@@ -36,11 +36,23 @@ class DataBundle:
     val_loader: DataLoader
     num_classes: int
     shuffle_generator: torch.Generator
-    """Seeded by the trainer at each epoch, so the sample order depends only on (seed, epoch)."""
+    rank: int = 0
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """Make the sample order and the workers' seeds depend only on (seed, epoch), so a
+        resumed run sees the same batches; under torchrun, each process its own share of them."""
+        epoch_seed = seed * 100_003 + epoch
+        self.shuffle_generator.manual_seed(epoch_seed + self.rank)  # workers' augmentation seeds
+        if isinstance(self.train_loader.sampler, DistributedSampler):
+            self.train_loader.sampler.set_epoch(epoch_seed)  # it shuffles with its seed (0) + this
 
 
-def build_data(data_cfg: dict, device: torch.device) -> DataBundle:
+def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Build train/val loaders from a data config such as configs/data/shapes.yaml.
+
+    Under torchrun (`world_size` > 1) each process trains on its 1/world_size of every epoch
+    (DistributedSampler) and validates on every world_size-th image, so the summed metrics
+    count each validation image exactly once.
 
     Workers decode and augment; on CUDA, batches go to pinned memory for asynchronous copies.
     Workers are persistent only on CUDA. On the CPU, fresh workers each epoch draw their seeds
@@ -85,6 +97,11 @@ def build_data(data_cfg: dict, device: torch.device) -> DataBundle:
         persistent_workers=on_cuda and num_workers > 0,
     )
     # Full batches only in training: a last batch of one image would break BatchNorm.
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=True, generator=generator, **loader_options)
+    if world_size > 1:
+        sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, drop_last=True)
+        train_loader = DataLoader(train_set, sampler=sampler, drop_last=True, generator=generator, **loader_options)
+        val_set = Subset(val_set, range(rank, len(val_set), world_size))
+    else:
+        train_loader = DataLoader(train_set, shuffle=True, drop_last=True, generator=generator, **loader_options)
     val_loader = DataLoader(val_set, shuffle=False, **loader_options)
-    return DataBundle(train_loader, val_loader, num_classes, generator)
+    return DataBundle(train_loader, val_loader, num_classes, generator, rank)

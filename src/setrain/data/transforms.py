@@ -81,3 +81,22 @@ def resize_centre_crop(image_size: int, crop_fraction: float) -> list:
     if not 0 < crop_fraction <= 1:
         raise SetrainError(f"data.crop_fraction={crop_fraction} must be in (0, 1]; 0.875 crops 224 from 256.")
     return [v2.Resize(round(image_size / crop_fraction), antialias=True), v2.CenterCrop(image_size)]
+
+
+def batch_mixing(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
+    """MixUp (Zhang et al. 2018) and/or CutMix (Yun et al. 2019) on whole batches, applied by the
+    training loop after loading (they mix images across a batch, so not per image); with both,
+    one of the two per batch, as in torchvision's reference. None when both alphas are 0."""
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise SetrainError(
+            f"trainer.mixup_alpha={mixup_alpha} and trainer.cutmix_alpha={cutmix_alpha} must be >= 0 "
+            "(0 turns one off; 0.2 and 1.0 are usual)."
+        )
+    mixes = []
+    if mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

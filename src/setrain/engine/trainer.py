@@ -1,27 +1,48 @@
-"""`train(cfg, run_dir)`: the whole run, from config to checkpoints, curves and results.json."""
+"""`train(cfg, run_dir)`: the whole run, from config to checkpoints, curves and results.json.
+
+One process, or one of several under `torchrun` (DDP); rank 0 alone writes. Checkpoints hold
+everything a run needs to continue exactly where it stopped, even inside an epoch.
+"""
 
 import json
 import logging
+import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from setrain.data import build_data
+from setrain.data.transforms import batch_mixing
 from setrain.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from setrain.engine.loop import evaluate, train_one_epoch
+from setrain.engine.curves import add_excitation_histograms, add_hparams, add_image_grid
+from setrain.engine.distributed import (
+    Processes,
+    broadcast_object,
+    close_processes,
+    init_processes,
+    sum_across,
+)
+from setrain.engine.loop import EpochTotals, Recipe, evaluate, train_steps
+from setrain.engine.optim import build_optimizer, build_scheduler
+from setrain.engine.signals import RunStopped, stop_on_signals
 from setrain.errors import SetrainError
 from setrain.models import build_model
 
 log = logging.getLogger(__name__)
+
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+HISTOGRAM_IMAGES = 64  # the fixed validation images whose SE gates are histogrammed each epoch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,16 +74,22 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _instantiate(group: str, node: DictConfig, **kwargs):
-    """Build an optimizer or scheduler with torch's own class named by `_target_` in the config."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as error:
-        cause = error.__cause__ or error
-        raise SetrainError(
-            f"Could not build the {group} {node.get('_target_')} from configs/{group}/: {cause}; "
-            f"fix the {group}.* values."
-        ) from error
+def check_trainer_options(trainer: DictConfig) -> None:
+    """Refuse values the loop cannot honour before any data is loaded."""
+    if trainer.epochs < 1:
+        raise SetrainError(f"trainer.epochs={trainer.epochs} must be at least 1.")
+    if str(trainer.precision) not in PRECISIONS:
+        raise SetrainError(f"trainer.precision={trainer.precision!r} is not known; use 32, bf16 or 16.")
+    for key in ("accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps", "early_stop_patience"):
+        value = trainer[key]
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise SetrainError(f"trainer.{key}={value!r} must be a positive integer.")
+    if trainer.grad_clip_norm is not None and trainer.grad_clip_norm <= 0:
+        raise SetrainError(f"trainer.grad_clip_norm={trainer.grad_clip_norm} must be positive, or null for no clipping.")
+    if trainer.ema_decay is not None and not 0 < trainer.ema_decay < 1:
+        raise SetrainError(f"trainer.ema_decay={trainer.ema_decay} must be between 0 and 1, e.g. 0.9998, or null.")
+    if not 0 <= trainer.label_smoothing < 1:
+        raise SetrainError(f"trainer.label_smoothing={trainer.label_smoothing} must be in [0, 1), e.g. 0.1.")
 
 
 def _resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
@@ -83,104 +110,268 @@ def _write_json(data: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def _check_finite(loss: float, where: str) -> None:
+    if not math.isfinite(loss):
+        raise SetrainError(
+            f"The training loss became {loss} ({where}); lower the learning rate (optimizer.lr) "
+            "or clip gradients (trainer.grad_clip_norm). The last good checkpoint was left untouched."
+        )
+
+
+def _join_run_dir(processes: Processes, run_dir: Path) -> Path:
+    """Under torchrun every process starts Hydra, which names the run dir by the clock; all
+    use rank 0's, and a process whose clock had ticked removes the empty dir Hydra made for it."""
+    main_run_dir = broadcast_object(processes, run_dir)
+    if main_run_dir != run_dir and not (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return main_run_dir
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train `cfg.model` on `cfg.data`, writing checkpoints/, tb/ and results.json into `run_dir`."""
-    started = time.perf_counter()
-    if cfg.trainer.epochs < 1:
-        raise SetrainError(f"trainer.epochs={cfg.trainer.epochs} must be at least 1.")
+    check_trainer_options(cfg.trainer)
     device = resolve_device(cfg.trainer.device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    processes = init_processes(device.type)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(cfg, _join_run_dir(processes, run_dir), device, processes)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        close_processes(processes)
 
-    data = build_data(cfg.data, device)
-    model = build_model(OmegaConf.to_container(cfg.model), data.num_classes).to(device)
+
+def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Processes) -> dict:
+    started = time.perf_counter()
+    trainer = cfg.trainer
+    if processes.distributed and device.type == "cuda":
+        device = torch.device("cuda", processes.local_rank)
+        torch.cuda.set_device(device)
+    if not processes.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    if trainer.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not trainer.deterministic
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    random.seed(cfg.seed + processes.rank)
+
+    data = build_data(OmegaConf.to_container(cfg.data, resolve=True), device, processes.rank, processes.world_size)
+    model = build_model(OmegaConf.to_container(cfg.model), data.num_classes)
+    memory_format = torch.channels_last if trainer.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
     num_params = sum(p.numel() for p in model.parameters())
-    criterion = nn.CrossEntropyLoss()
-    optimizer = _instantiate("optimizer", cfg.optimizer, params=model.parameters())
-    scheduler = _instantiate("scheduler", cfg.scheduler, optimizer=optimizer)
+    effective_batch = cfg.data.batch_size * trainer.accumulate_grad_batches * processes.world_size
+    optimizer = build_optimizer(cfg.optimizer, model, effective_batch)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, trainer.epochs)
+    precision = str(trainer.precision)
+    recipe = Recipe(
+        criterion=nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing),
+        autocast_dtype=PRECISIONS[precision],
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "16"),
+        memory_format=memory_format,
+        accumulate=trainer.accumulate_grad_batches,
+        clip_norm=trainer.grad_clip_norm,
+        mix=batch_mixing(trainer.mixup_alpha, trainer.cutmix_alpha, data.num_classes),
+        ema=None if trainer.ema_decay is None else AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(trainer.ema_decay), use_buffers=True
+        ),
+    )  # fmt: skip
+    val_criterion = nn.CrossEntropyLoss()  # without label smoothing, comparable across runs
 
     checkpoint_dir = run_dir / "checkpoints"
-    first_epoch, best, last_metrics = 1, {"epoch": 0, "val_top1": -1.0}, {}
+    first_epoch, global_step, stale_epochs = 1, 0, 0
+    best, last_metrics, resumed_totals, resumed_rng = {"epoch": 0, "val_top1": -1.0}, {}, None, None
     resume_from = _resume_path(cfg.resume, checkpoint_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         load_model_state(model, state["model"], resume_from)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng_states(state["rng"])
+        if "scaler" in state:
+            recipe.scaler.load_state_dict(state["scaler"])
+        if recipe.ema is not None and "ema" in state:
+            recipe.ema.module.load_state_dict(state["ema"])
+            recipe.ema.n_averaged.fill_(state["ema_updates"])
         first_epoch, best, last_metrics = state["epoch"] + 1, state["best"], state["metrics"]
-        log.info("Resumed from %s after epoch %d", resume_from, state["epoch"])
+        global_step, stale_epochs = state.get("global_step", 0), state.get("stale_epochs", 0)
+        resumed_rng = state["rng"]
+        if state.get("epoch_progress"):
+            resumed_totals = EpochTotals(**state["epoch_progress"]).to(device)
+        log.info(
+            "Resumed from %s after epoch %d%s", resume_from, state["epoch"],
+            f" and {resumed_totals.batches} batches of epoch {first_epoch}" if resumed_totals else "",
+        )  # fmt: skip
+
+    if trainer.sync_batchnorm and processes.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_model = model
+    if processes.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if trainer.compile:
+        backend = "inductor" if trainer.compile is True else trainer.compile
+        train_model = torch.compile(train_model, backend=backend)
 
     log.info(
-        "Training %s (%s parameters) on %s for %d epochs on %s; run dir %s",
-        cfg.model.name, f"{num_params:,}", cfg.data.name, cfg.trainer.epochs, device, run_dir,
+        "Training %s (%s parameters) on %s for %d epochs on %s%s, precision %s; run dir %s",
+        cfg.model.name, f"{num_params:,}", cfg.data.name, trainer.epochs, device,
+        f" x {processes.world_size} processes" if processes.distributed else "", precision, run_dir,
     )  # fmt: skip
     resolved_config = OmegaConf.to_container(cfg, resolve=True)
-    writer = SummaryWriter(run_dir / "tb")
-    for epoch in range(first_epoch, cfg.trainer.epochs + 1):
-        # The sample order depends only on (seed, epoch), so a resumed run sees the same batches.
-        data.shuffle_generator.manual_seed(cfg.seed * 100_003 + epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        progress = f"epoch {epoch}/{cfg.trainer.epochs}"
-        train_metrics = train_one_epoch(
-            model, criterion, optimizer, data.train_loader, device, f"{progress} train"
-        )
-        val_metrics = evaluate(model, criterion, data.val_loader, device, f"{progress} val")
-        if isinstance(scheduler, ReduceLROnPlateau):
-            scheduler.step(val_metrics["loss"])
-        else:
-            scheduler.step()
+    writer = SummaryWriter(run_dir / "tb", purge_step=global_step or None) if processes.is_main else None
+    histogram_images = None
+    if writer is not None:
+        histogram_images = next(iter(data.val_loader))[0][:HISTOGRAM_IMAGES].to(device, memory_format=memory_format)
+        if resume_from is None:
+            add_image_grid(writer, next(iter(data.train_loader))[0])
 
-        val_record = {f"val_{key}": value for key, value in val_metrics.items()}
-        last_metrics = {
-            "epoch": epoch,
-            "lr": lr,
-            **{f"train_{key}": value for key, value in train_metrics.items()},
-            **val_record,
-        }
-        for key, value in train_metrics.items():
-            writer.add_scalar(f"{key}/train", value, epoch)
-        for key, value in val_metrics.items():
-            writer.add_scalar(f"{key}/val", value, epoch)
-        writer.add_scalar("lr", lr, epoch)
-        writer.flush()
-
-        is_best = val_metrics["top1"] > best["val_top1"]
-        if is_best:
-            best = {"epoch": epoch, **val_record}
-        state = {
+    def checkpoint_state(epoch_done: int, totals: EpochTotals | None) -> dict:
+        """Everything needed to continue: after `epoch_done` epochs and, inside the next one,
+        after the batches in `totals` (None at an epoch's end)."""
+        return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
+            "scaler": recipe.scaler.state_dict(),
+            **({"ema": recipe.ema.module.state_dict(), "ema_updates": int(recipe.ema.n_averaged)} if recipe.ema else {}),
+            "epoch": epoch_done,
+            "epoch_progress": None if totals is None else vars(totals.to(torch.device("cpu"))),
+            "global_step": global_step,
+            "stale_epochs": stale_epochs,
             "best": best,
             "metrics": last_metrics,
             "rng": rng_states(),
             "config": resolved_config,
         }
-        save_checkpoint(state, checkpoint_dir / "last.pt")
-        if is_best:
-            save_checkpoint(state, checkpoint_dir / "best.pt")
-        log.info(
-            "%s  train loss %.3f top-1 %.1f%%  val loss %.3f top-1 %.1f%% top-5 %.1f%%  "
-            "lr %.3g  %.0f img/s",
-            progress, train_metrics["loss"], train_metrics["top1"], val_metrics["loss"],
-            val_metrics["top1"], val_metrics["top5"], lr, train_metrics["images_per_s"],
-        )  # fmt: skip
-    writer.close()
+
+    stopped_early_at = None
+    num_batches = len(data.train_loader)
+    with stop_on_signals() as stop:
+        for epoch in range(first_epoch, trainer.epochs + 1):
+            progress = f"epoch {epoch}/{trainer.epochs}"
+            lr = optimizer.param_groups[0]["lr"]
+            data.set_epoch(cfg.seed, epoch)
+            batches = iter(data.train_loader)
+            totals = EpochTotals().to(device)
+            if resumed_totals is not None:
+                # Load the batches done before the checkpoint again, without training on them:
+                # this keeps the workers' augmentation streams exactly as in an uninterrupted run.
+                totals, resumed_totals = resumed_totals, None
+                for _ in range(totals.batches):
+                    next(batches)
+            if resumed_rng is not None:
+                restore_rng_states(resumed_rng)
+                resumed_rng = None
+            bar = tqdm(
+                batches, total=num_batches, initial=totals.batches, desc=f"{progress} train", leave=False,
+                dynamic_ncols=True, disable=None if processes.is_main else True,
+            )  # fmt: skip
+            epoch_start, seen_before = time.perf_counter(), totals.seen
+            for loss in train_steps(train_model, recipe, optimizer, bar, num_batches, device, totals):
+                global_step += 1
+                at_log_step = global_step % trainer.log_every_n_steps == 0
+                if at_log_step:
+                    step_loss = loss.item()
+                    _check_finite(step_loss, f"{progress}, step {global_step}")
+                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
+                    if writer is not None:
+                        writer.add_scalar("loss/train_step", step_loss, global_step)
+                        writer.add_scalar("lr/step", optimizer.param_groups[0]["lr"], global_step)
+                # Processes agree on stopping where they already synchronise: at logging steps.
+                stopping = stop.requested if not processes.distributed else (
+                    at_log_step and sum_across(processes, torch.tensor(float(stop.requested), device=device))[0].item() > 0
+                )  # fmt: skip
+                every_n = trainer.checkpoint_every_n_steps
+                if stopping or (every_n and global_step % every_n == 0):
+                    _check_finite(totals.loss_sum.item(), progress)
+                    if processes.is_main:
+                        save_checkpoint(checkpoint_state(epoch - 1, totals), checkpoint_dir / "last.pt")
+                if stopping:
+                    raise RunStopped(
+                        stop.signal_name or "SIGTERM",
+                        f"Stopped by {stop.signal_name or 'another process'} at {progress}, step "
+                        f"{global_step}; saved {checkpoint_dir / 'last.pt'}. Continue with resume=auto "
+                        f"hydra.run.dir={run_dir}",
+                    )
+            bar.close()
+
+            loss_sum, correct, seen = sum_across(
+                processes, totals.loss_sum, totals.correct, torch.tensor(totals.seen, device=device)
+            )
+            _check_finite(loss_sum.item(), progress)
+            train_metrics = {
+                "loss": loss_sum.item() / seen.item(),
+                "top1": 100 * correct.item() / seen.item(),
+                "images_per_s": (totals.seen - seen_before) * processes.world_size / (time.perf_counter() - epoch_start),
+            }
+            val_metrics = evaluate(model, val_criterion, data.val_loader, device, f"{progress} val", recipe, processes)
+            if recipe.ema is not None:
+                ema_metrics = evaluate(recipe.ema.module, val_criterion, data.val_loader, device, f"{progress} val EMA", recipe, processes)
+                val_metrics.update({f"ema_{key}": value for key, value in ema_metrics.items()})
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step(val_metrics["loss"])
+            else:
+                scheduler.step()
+
+            val_record = {f"val_{key}": value for key, value in val_metrics.items()}
+            last_metrics = {
+                "epoch": epoch,
+                "lr": lr,
+                **{f"train_{key}": value for key, value in train_metrics.items()},
+                **val_record,
+            }
+            is_best = val_metrics["top1"] > best["val_top1"]
+            if is_best:
+                best = {"epoch": epoch, **val_record}
+            stale_epochs = 0 if is_best else stale_epochs + 1
+            if processes.is_main:
+                for key, value in train_metrics.items():
+                    writer.add_scalar(f"{key}/train", value, epoch)
+                for key, value in val_metrics.items():  # EMA's as e.g. top1/val_ema, beside top1/val
+                    writer.add_scalar(f"{key.removeprefix('ema_')}/val{'_ema' * key.startswith('ema_')}", value, epoch)
+                writer.add_scalar("lr", lr, epoch)
+                add_excitation_histograms(writer, model, histogram_images, epoch)
+                writer.flush()
+                state = checkpoint_state(epoch, None)
+                save_checkpoint(state, checkpoint_dir / "last.pt")
+                if is_best:
+                    save_checkpoint(state, checkpoint_dir / "best.pt")
+            log.info(
+                "%s  train loss %.3f top-1 %.1f%%  val loss %.3f top-1 %.1f%% top-5 %.1f%%%s  lr %.3g  %.0f img/s",
+                progress, train_metrics["loss"], train_metrics["top1"], val_metrics["loss"],
+                val_metrics["top1"], val_metrics["top5"],
+                f"  EMA top-1 {val_metrics['ema_top1']:.1f}%" if recipe.ema is not None else "",
+                lr, train_metrics["images_per_s"],
+            )  # fmt: skip
+            if trainer.early_stop_patience and stale_epochs >= trainer.early_stop_patience:
+                stopped_early_at = epoch
+                log.info(
+                    "Early stop: val top-1 has not improved for %d epochs (best %.2f%% at epoch %d).",
+                    stale_epochs, best["val_top1"], best["epoch"],
+                )  # fmt: skip
+                break
 
     results = {
         "model": cfg.model.name,
         "data": cfg.data.name,
         "num_classes": data.num_classes,
         "params": num_params,
-        "epochs": cfg.trainer.epochs,
+        "epochs": trainer.epochs,
+        "stopped_early_at": stopped_early_at,
+        "global_step": global_step,
         "device": str(device),
+        "processes": processes.world_size,
+        "precision": precision,
         "final": last_metrics,
         "best": best,
         "run_time_s": round(time.perf_counter() - started, 2),
     }
-    _write_json(results, run_dir / "results.json")
+    if processes.is_main:
+        _write_json(results, run_dir / "results.json")
+        add_hparams(writer, cfg, {
+            "best_val_top1": best["val_top1"], "final_val_top1": last_metrics["val_top1"],
+            "final_val_top5": last_metrics["val_top5"], "final_val_loss": last_metrics["val_loss"],
+        })  # fmt: skip
+        writer.close()
     log.info(
         "Done: val top-1 %.2f%% (best %.2f%% at epoch %d) in %.0f s. Run dir: %s",
         last_metrics["val_top1"], best["val_top1"], best["epoch"], results["run_time_s"], run_dir,

@@ -67,3 +67,23 @@ class SEBlock(nn.Module):
         squeezed = x.mean(dim=(2, 3)) if self.squeeze == "avg" else x.amax(dim=(2, 3))
         gate = self.excitation(squeezed)
         return x * gate[:, :, None, None]
+
+
+def se_blocks(model: nn.Module) -> dict[str, SEBlock]:
+    """The SE blocks in forward order, named as in the paper's Fig. 6: SE_<stage>_<block> in
+    ResNets (the stem is stage 1, so `stages[0]` is stage 2), SE_<n> in networks without stages."""
+    blocks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SEBlock):
+            parts = name.split(".")
+            if parts[0] == "stages":
+                blocks[f"SE_{int(parts[1]) + 2}_{int(parts[2]) + 1}"] = module
+            else:
+                blocks[f"SE_{len(blocks) + 1}"] = module
+    return blocks
+
+
+def stage_of(block: str) -> str:
+    """SE_4_2 -> "stage 4"; a block outside stages (MobileNetV1) is a depth of its own."""
+    parts = block.split("_")
+    return f"stage {parts[1]}" if len(parts) == 3 else block
