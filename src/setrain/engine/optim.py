@@ -28,11 +28,12 @@ def _split(node: DictConfig, options: tuple[str, ...]) -> tuple[DictConfig, dict
     return OmegaConf.create(container), own
 
 
-def _instantiate(group: str, node: DictConfig, **kwargs):
-    """Build torch's own class named by `_target_`, turning a bad value into one sentence."""
+def _instantiate(group: str, node: DictConfig, *args):
+    """Build torch's own class named by `_target_` on `args` (parameters, or the optimizer, which
+    Hydra should pass through untouched: hence `_partial_`), turning a bad value into one sentence."""
     try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as error:
+        return instantiate(node, _partial_=True)(*args)
+    except (InstantiationException, TypeError, ValueError) as error:
         cause = error.__cause__ or error
         raise SetrainError(
             f"Could not build the {group} {node.get('_target_')} from configs/{group}/: {cause}; "
@@ -51,7 +52,7 @@ def build_optimizer(node: DictConfig, model: nn.Module, effective_batch_size: in
         decayed = [p for p in model.parameters() if p.ndim > 1]
         exempt = [p for p in model.parameters() if p.ndim <= 1]
         params = [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]
-    return _instantiate("optimizer", node, params=params)
+    return _instantiate("optimizer", node, params)
 
 
 def build_scheduler(node: DictConfig, optimizer: Optimizer, epochs: int) -> LRScheduler | ReduceLROnPlateau:
@@ -62,7 +63,7 @@ def build_scheduler(node: DictConfig, optimizer: Optimizer, epochs: int) -> LRSc
     warmup_epochs = own.get("warmup_epochs") or 0
     if "T_max" in node and node.T_max is None:
         node.T_max = max(1, epochs - warmup_epochs)
-    scheduler = _instantiate("scheduler", node, optimizer=optimizer)
+    scheduler = _instantiate("scheduler", node, optimizer)
     if warmup_epochs <= 0:
         return scheduler
     if isinstance(scheduler, ReduceLROnPlateau):

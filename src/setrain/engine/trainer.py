@@ -203,6 +203,11 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
         )  # fmt: skip
 
     if trainer.sync_batchnorm and processes.distributed:
+        if device.type != "cuda":
+            raise SetrainError(
+                "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
+                "set trainer.sync_batchnorm=false on CPUs."
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_model = model
     if processes.distributed:

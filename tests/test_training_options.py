@@ -1,0 +1,185 @@
+"""The engine's optimisation and speed options (configs/trainer, optimizer, scheduler), each
+checked for the fact it promises, on tiny models and runs."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+from torch import nn
+
+from setrain.data.transforms import batch_mixing
+from setrain.engine import train, trainer
+from setrain.engine.checkpoint import load_checkpoint
+from setrain.engine.loop import EpochTotals, Recipe, train_steps
+from setrain.engine.optim import build_optimizer, build_scheduler
+from setrain.errors import SetrainError
+
+CPU = torch.device("cpu")
+
+
+def linear_batches(count: int, size: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 4, 1, 1, generator=generator), torch.randint(0, 3, (size,), generator=generator)) for _ in range(count)]
+
+
+class Linear(nn.Module):
+    """No BatchNorm: a batch of 2n equals two batches of n only without batch statistics."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def run_steps(model, recipe, batches, lr=0.1):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    totals = EpochTotals()
+    losses = list(train_steps(model, recipe, optimizer, iter(batches), len(batches), CPU, totals))
+    return losses, totals
+
+
+def test_accumulating_two_half_batches_is_one_step_on_the_whole_batch():
+    halves = linear_batches(4, 8)
+    wholes = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(halves[::2], halves[1::2])]
+    accumulated, whole = Linear(), Linear()
+    steps, totals = run_steps(accumulated, Recipe(nn.CrossEntropyLoss(), accumulate=2), halves)
+    run_steps(whole, Recipe(nn.CrossEntropyLoss()), wholes)
+    assert len(steps) == 2 and totals.batches == 4 and totals.seen == 32
+    assert torch.allclose(accumulated.fc.weight, whole.fc.weight, atol=1e-6)
+
+
+def test_an_epoch_that_does_not_divide_by_the_accumulation_still_steps_on_its_last_batches():
+    steps, totals = run_steps(Linear(), Recipe(nn.CrossEntropyLoss(), accumulate=2), linear_batches(5, 8))
+    assert len(steps) == 3 and totals.batches == 5
+
+
+def test_clipping_bounds_the_gradient_norm_of_each_step():
+    model = Linear()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    run_steps(model, Recipe(nn.CrossEntropyLoss(), clip_norm=1e-3), linear_batches(1, 8), lr=1.0)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (after - before).norm() == pytest.approx(1e-3, rel=1e-3)  # plain SGD moves lr x clipped grad
+
+
+def test_mixup_and_cutmix_train_on_soft_targets():
+    mix = batch_mixing(0.2, 1.0, num_classes=3)
+    images, labels = linear_batches(1, 8)[0]
+    mixed, targets = mix(images.expand(8, 4, 8, 8).contiguous(), labels)
+    assert targets.shape == (8, 3) and torch.allclose(targets.sum(1), torch.ones(8))
+    assert batch_mixing(0.0, 0.0, 3) is None
+    with pytest.raises(SetrainError, match="mixup_alpha=-1"):
+        batch_mixing(-1, 0, 3)
+
+
+def test_weight_decay_can_spare_norm_weights_and_biases():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    node = OmegaConf.create({"_target_": "torch.optim.SGD", "lr": 0.1, "weight_decay": 1e-4, "decay_norm_and_bias": False})
+    decayed, spared = build_optimizer(node, model, 8).param_groups
+    assert [p.ndim for p in decayed["params"]] == [4, 2] and decayed["weight_decay"] == 1e-4
+    assert all(p.ndim == 1 for p in spared["params"]) and spared["weight_decay"] == 0.0
+
+
+def epoch_lrs(scheduler_cfg: dict, epochs: int) -> list[float]:
+    optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=1.0)
+    scheduler = build_scheduler(OmegaConf.create(scheduler_cfg), optimizer, epochs)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_warmup_rises_linearly_then_hands_over_to_the_schedule():
+    step = {"_target_": "torch.optim.lr_scheduler.MultiStepLR", "milestones": [2], "gamma": 0.1,
+            "warmup_epochs": 2, "warmup_start_factor": 0.1}  # fmt: skip
+    assert epoch_lrs(step, 6) == pytest.approx([0.1, 0.55, 1.0, 1.0, 0.1, 0.1])
+    cosine = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": None, "warmup_epochs": 2}
+    lrs = epoch_lrs(cosine, 6)
+    assert lrs[2] == pytest.approx(1.0) and lrs[4] == pytest.approx(0.5)  # cosine over the 4 epochs left
+
+
+def test_plateau_refuses_a_warmup():
+    plateau = {"_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau", "warmup_epochs": 1}
+    with pytest.raises(SetrainError, match="plateau cannot follow a warmup"):
+        epoch_lrs(plateau, 2)
+
+
+def test_every_option_together_trains_and_checkpoints_its_state(tiny_config, tmp_path):
+    config = tiny_config(
+        "optimizer=adamw", "scheduler=multistep", "scheduler.milestones=[1]", "scheduler.warmup_epochs=1",
+        "trainer.precision=16", "trainer.channels_last=true", "trainer.label_smoothing=0.1",
+        "trainer.grad_clip_norm=5", "trainer.accumulate_grad_batches=2", "trainer.ema_decay=0.9",
+        "trainer.mixup_alpha=0.2", "trainer.cutmix_alpha=1.0", "trainer.epochs=3",
+    )  # fmt: skip
+    results = train(config, tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert results["global_step"] == 3 * 2  # 4 batches per epoch, a step per 2
+    assert state["scaler"]["scale"] > 0 and state["ema_updates"] == 6
+    assert state["model"]["stem.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(state["ema"]["fc.weight"], state["model"]["fc.weight"])
+    assert {"val_ema_top1", "val_top1"} <= set(results["final"])
+
+
+def test_compiled_run_trains_like_the_eager_one(tiny_config, tmp_path):
+    train(tiny_config("trainer.epochs=1"), tmp_path / "eager")
+    train(tiny_config("trainer.epochs=1", "trainer.compile=aot_eager"), tmp_path / "compiled")
+    eager, compiled = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["model"] for run in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()
+    assert all(torch.allclose(eager[key].float(), compiled[key].float(), atol=1e-5) for key in eager)
+
+
+def test_deterministic_mode_is_on_during_the_run_only(tiny_config, tmp_path, monkeypatch):
+    seen, build_data = [], trainer.build_data
+
+    def build_data_and_record(*args):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return build_data(*args)
+
+    monkeypatch.setattr(trainer, "build_data", build_data_and_record)
+    train(tiny_config("trainer.epochs=1", "trainer.deterministic=true"), tmp_path)
+    assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_early_stop_ends_the_run_after_patience_epochs_without_a_better_top1(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: {"loss": 1.0, "top1": 50.0, "top5": 90.0})
+    results = train(tiny_config("trainer.epochs=10", "trainer.early_stop_patience=2"), tmp_path)
+    assert results["stopped_early_at"] == 3 and results["final"]["epoch"] == 3
+    assert results["best"]["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.precision=8", "trainer.precision=8 is not known; use 32, bf16 or 16"),
+        ("trainer.accumulate_grad_batches=0", "accumulate_grad_batches=0 must be a positive integer"),
+        ("trainer.ema_decay=1.5", "ema_decay=1.5 must be between 0 and 1"),
+        ("trainer.grad_clip_norm=0", "grad_clip_norm=0 must be positive"),
+        ("trainer.label_smoothing=1", "label_smoothing=1 must be in"),
+    ],
+)
+def test_option_values_that_cannot_work_are_refused(tiny_config, tmp_path, override, message):
+    with pytest.raises(SetrainError, match=message):
+        train(tiny_config(override), tmp_path)
+
+
+def test_tensorboard_shows_steps_hparams_excitations_and_images(tiny_config, tmp_path):
+    train(tiny_config("trainer.log_every_n_steps=2"), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0}).Reload()
+    tags = events.Tags()
+    assert [event.step for event in events.Scalars("loss/train_step")] == [2, 4, 6, 8]
+    assert {"top1/val", "top5/val", "loss/train", "images_per_s/train", "lr/step"} <= set(tags["scalars"])
+    assert {"excitation/stage_2", "excitation/stage_3", "excitation/stage_4"} == set(tags["histograms"])
+    gates = events.Histograms("excitation/stage_2")
+    assert [event.step for event in gates] == [1, 2] and 0 <= gates[0].histogram_value.min <= gates[0].histogram_value.max <= 1
+    assert tags["images"] == ["train/batch"]
+    assert events.Scalars("hparam/best_val_top1")[0].value == max(e.value for e in events.Scalars("top1/val"))
+    runs = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "tb")).Reload()
+    content = runs.PluginRunToTagToContent("hparams")["."]["_hparams_/session_start_info"]
+    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["model.se.reduction"].number_value == 16 and hparams["model.name"].string_value == "se_resnet20"
