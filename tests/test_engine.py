@@ -12,6 +12,7 @@ from setrain.engine.loop import topk_correct
 from setrain.errors import SetrainError
 
 from conftest import compose_config
+from formats import write_cifar10
 
 
 def test_topk_counts_targets_among_the_highest_logits():
@@ -131,6 +132,66 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(tiny_config, tmp_pat
     assert all(torch.equal(whole["model"][key], split["model"][key]) for key in whole["model"])
     assert split["scheduler"] == whole["scheduler"]
     assert split["best"] == whole["best"]
+
+
+def stop_after_saving_step(step: int):
+    """A save_checkpoint that raises right after writing the step-`step` checkpoint, as if killed."""
+
+    def save_then_stop(state, path):
+        save_checkpoint(state, path)
+        if state["global_step"] == step and state["epoch_progress"] is not None:
+            raise Interrupted
+
+    return save_then_stop
+
+
+MID_EPOCH = [
+    "trainer.epochs=3", "trainer.checkpoint_every_n_steps=3", "trainer.ema_decay=0.9",
+    "trainer.mixup_alpha=0.4", "trainer.label_smoothing=0.1", "optimizer=adamw", "scheduler=multistep",
+    "scheduler.milestones=[2]", "scheduler.warmup_epochs=1",
+]  # fmt: skip
+
+
+def resume_mid_epoch_and_compare(config, resumed_config, tmp_path, monkeypatch, step: int) -> dict:
+    """Train whole; train again but stop right after the step-`step` checkpoint; resume; the
+    final checkpoints must agree bitwise. Returns the interrupted checkpoint."""
+    train(config, tmp_path / "whole")
+    monkeypatch.setattr(trainer, "save_checkpoint", stop_after_saving_step(step))
+    with pytest.raises(Interrupted):
+        train(config, tmp_path / "split")
+    monkeypatch.undo()
+    interrupted = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    train(resumed_config, tmp_path / "split")
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")
+    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    for part in {"model", "ema"} & whole.keys():
+        assert all(torch.equal(whole[part][key], split[part][key]) for key in whole[part]), part
+    assert split["metrics"] == whole["metrics"] | {"train_images_per_s": split["metrics"]["train_images_per_s"]}
+    assert (split["global_step"], split["best"]) == (whole["global_step"], whole["best"])
+    return interrupted
+
+
+def test_resume_inside_an_epoch_ends_identical_to_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+    """4 batches per epoch: step 6 is halfway through epoch 2, with EMA, MixUp, warmup and all."""
+    interrupted = resume_mid_epoch_and_compare(
+        tiny_config(*MID_EPOCH), tiny_config(*MID_EPOCH, "resume=auto"), tmp_path, monkeypatch, step=6
+    )
+    assert (interrupted["epoch"], interrupted["epoch_progress"]["batches"]) == (1, 2)
+
+
+@pytest.mark.slow
+def test_resume_inside_an_epoch_replays_the_workers_augmentation(tmp_path, monkeypatch):
+    """CIFAR files with random crops and flips decoded by 2 workers: after resuming, the workers
+    must hand out the same augmented images as in the uninterrupted run."""
+    write_cifar10(tmp_path / "datasets", train_per_batch=16)
+    cifar = [
+        "data=cifar10", f"data.root={tmp_path / 'datasets'}", "data.num_workers=2", "data.batch_size=16",
+        "model=resnet20", "trainer.epochs=2", "trainer.checkpoint_every_n_steps=2", "trainer.device=cpu",
+    ]  # fmt: skip
+    interrupted = resume_mid_epoch_and_compare(
+        compose_config(*cifar), compose_config(*cifar, "resume=auto"), tmp_path, monkeypatch, step=4
+    )
+    assert (interrupted["epoch"], interrupted["epoch_progress"]["batches"]) == (0, 4)
 
 
 @pytest.mark.parametrize(

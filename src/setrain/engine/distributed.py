@@ -57,3 +57,12 @@ def broadcast_object(processes: Processes, value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def broadcast_buffers(processes: Processes, model: torch.nn.Module) -> None:
+    """Give every process rank 0's BatchNorm statistics. DDP broadcasts them before each training
+    forward, so after the last one each process holds its own update; evaluating with those
+    would score each share of the validation set with a slightly different model."""
+    if processes.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)

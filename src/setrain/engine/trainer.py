@@ -28,6 +28,7 @@ from setrain.engine.checkpoint import load_checkpoint, load_model_state, save_ch
 from setrain.engine.curves import add_excitation_histograms, add_hparams, add_image_grid
 from setrain.engine.distributed import (
     Processes,
+    broadcast_buffers,
     broadcast_object,
     close_processes,
     init_processes,
@@ -308,8 +309,10 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
                 "top1": 100 * correct.item() / seen.item(),
                 "images_per_s": (totals.seen - seen_before) * processes.world_size / (time.perf_counter() - epoch_start),
             }
+            broadcast_buffers(processes, model)
             val_metrics = evaluate(model, val_criterion, data.val_loader, device, f"{progress} val", recipe, processes)
             if recipe.ema is not None:
+                broadcast_buffers(processes, recipe.ema.module)
                 ema_metrics = evaluate(recipe.ema.module, val_criterion, data.val_loader, device, f"{progress} val EMA", recipe, processes)
                 val_metrics.update({f"ema_{key}": value for key, value in ema_metrics.items()})
             if isinstance(scheduler, ReduceLROnPlateau):
