@@ -179,6 +179,16 @@ def test_resume_inside_an_epoch_ends_identical_to_an_uninterrupted_run(tiny_conf
     assert (interrupted["epoch"], interrupted["epoch_progress"]["batches"]) == (1, 2)
 
 
+def test_a_checkpoint_write_cut_short_leaves_last_pt_to_resume_from(tiny_config, tmp_path):
+    """kill -9 during torch.save leaves a partial last.pt.tmp beside the intact last.pt."""
+    train(tiny_config("trainer.epochs=1"), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    (tmp_path / "checkpoints" / "last.pt.tmp").write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])
+    results = train(tiny_config("resume=auto"), tmp_path)
+    assert results["final"]["epoch"] == 2 and load_checkpoint(last)["epoch"] == 2
+    assert sorted(path.name for path in last.parent.iterdir()) == ["best.pt", "last.pt"]
+
+
 @pytest.mark.slow
 def test_resume_inside_an_epoch_replays_the_workers_augmentation(tmp_path, monkeypatch):
     """CIFAR files with random crops and flips decoded by 2 workers: after resuming, the workers
