@@ -5,6 +5,7 @@ stops. A second Ctrl-C falls through to Python's default and interrupts at once.
 """
 
 import signal
+import threading
 from contextlib import contextmanager
 
 
@@ -25,6 +26,9 @@ class StopRequest:
 def stop_on_signals():
     """Record SIGTERM and SIGINT while the run trains, then restore the previous handlers."""
     request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():  # Python allows handlers only there
+        yield request
+        return
     previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     for number in previous:
         signal.signal(number, request._record)

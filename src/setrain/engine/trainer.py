@@ -160,6 +160,8 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
     model = build_model(OmegaConf.to_container(cfg.model), data.num_classes)
     memory_format = torch.channels_last if trainer.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    if processes.distributed:
+        torch.manual_seed(cfg.seed + processes.rank)  # after the shared init: own MixUp/augmentation draws
     num_params = sum(p.numel() for p in model.parameters())
     effective_batch = cfg.data.batch_size * trainer.accumulate_grad_batches * processes.world_size
     optimizer = build_optimizer(cfg.optimizer, model, effective_batch)
