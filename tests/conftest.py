@@ -6,7 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from setrain.models import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,23 +25,29 @@ TINY = [
 ]
 
 
-def compose_config(*overrides: str):
-    """The config `python train.py <overrides>` would run with (without the hydra node)."""
+def compose_config(*overrides: str, config_name: str = "train"):
+    """The config `python train.py <overrides>` would run with (without the hydra node); another
+    `config_name` gives that command's (configs/analyze.yaml for `python -m setrain.analyze`)."""
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose(config_name, overrides=list(overrides))
+
+
+def run_program(*command: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python <command>` as a user would, without HYDRA_FULL_ERROR; returns the finished process."""
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    return subprocess.run(
+        [sys.executable, *command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python train.py <args>` as a user would; returns the finished process."""
-    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run `python train.py <args>`."""
+    return run_program(str(REPO_ROOT / "train.py"), *args, cwd=cwd, timeout=timeout)
+
+
+def run_module(module: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m <module> <args>`, e.g. setrain.analyze."""
+    return run_program("-m", module, *args, cwd=cwd, timeout=timeout)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -51,3 +61,29 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
 @pytest.fixture
 def tiny_config():
     return lambda *overrides: compose_config(*TINY, *overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny SE-ResNet-20 trained through the real CLI (a few seconds), shared by the commands
+    that read a finished run."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    run_dir = tmp_path / "run"
+    result = run_cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def write_checkpoint(path: Path, *overrides: str, seed: int = 0, **entries) -> dict:
+    """A checkpoint as the trainer writes it, of an untrained model of `python train.py <TINY>
+    <overrides>` (initialised from `seed`), plus `entries` (such as ema=<state dict>); returns it."""
+    cfg = compose_config(*TINY, *overrides)
+    torch.manual_seed(seed)
+    model = build_model(OmegaConf.to_container(cfg.model), num_classes=10)
+    state = {
+        "model": model.state_dict(), "optimizer": {}, "scheduler": {}, "epoch": 1,
+        "config": OmegaConf.to_container(cfg, resolve=True), **entries,
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return state

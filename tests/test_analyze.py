@@ -2,39 +2,31 @@
 
 import copy
 import json
-import os
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-from conftest import REPO_ROOT, TINY, assert_user_error, run_cli
+from conftest import assert_user_error, compose_config, run_module
 from setrain.analyze import (
-    analyze, collect_excitations, pyplot, se_ablation, se_disabled, summarise,
+    analyze, collect_excitations, se_ablation, se_disabled, summarise,
 )
 from setrain.engine.loop import evaluate
 from setrain.errors import SetrainError
+from setrain.figures import pyplot
 from setrain.models import SEBlock, create_model
 from setrain.models.se import se_blocks, stage_of
 
 
-def run_analyze(*args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m setrain.analyze <args>` as a user would."""
-    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-    return subprocess.run(
-        [sys.executable, "-m", "setrain.analyze", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+def run_analyze(*args: str, cwd):
+    return run_module("setrain.analyze", *args, cwd=cwd)
 
 
 def analyze_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-        return compose("analyze", overrides=list(overrides))
+    return compose_config(*overrides, config_name="analyze")
 
 
 def tiny_batches(num_classes=4, sizes=(8, 8, 5)):
@@ -110,17 +102,7 @@ def test_analyze_without_a_checkpoint_says_which_to_pass():
 def test_missing_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SetrainError, match=r"pip install 'setrain\[analysis\]'"):
-        pyplot()
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A tiny SE-ResNet-20 trained through the real CLI (a few seconds)."""
-    tmp_path = tmp_path_factory.mktemp("trained")
-    run_dir = tmp_path / "run"
-    result = run_cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    return run_dir
+        pyplot("setrain.analyze")
 
 
 @pytest.mark.slow

@@ -16,10 +16,8 @@ Forward hooks on each SE block's `excitation` read or replace its gate; no model
 
 import json
 import logging
-import sys
 from contextlib import contextmanager
 from itertools import islice
-from pathlib import Path
 
 import hydra
 import numpy as np
@@ -28,23 +26,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from setrain.cli import report_user_error
-from setrain.data import build_data
-from setrain.engine.checkpoint import load_checkpoint, load_model_state
+from setrain.cli import run_command
 from setrain.engine.loop import evaluate, topk_correct
 from setrain.engine.trainer import resolve_device
 from setrain.errors import SetrainError
-from setrain.models import build_model
+from setrain.figures import pyplot
 from setrain.models.se import SEBlock, se_blocks, stage_of
+from setrain.trained import load_trained_model, trained_data
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CLASSES = 10  # lines per panel when `classes` is not given; more are unreadable
 MAX_PANELS = 12  # deeper networks show this many SE blocks, evenly spaced by depth
-CHECKPOINT_FIXES = (
-    "pass checkpoint=<run dir>/checkpoints/best.pt of a finished run",
-    "analyze another one, such as checkpoints/last.pt",
-)
 
 
 @torch.inference_mode()
@@ -140,21 +133,6 @@ def se_ablation(
     return rows
 
 
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend; matplotlib is the `analysis` extra."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise SetrainError(
-            "setrain.analyze draws its figures with matplotlib, which is not installed; install it "
-            "with pip install 'setrain[analysis]'."
-        ) from error
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    return pyplot
-
-
 def plot_excitations(plt, summary: dict[str, dict], classes: list[int], title: str):
     """Fig. 6 of the paper: per SE block, the mean gate of each channel per class and overall."""
     names = list(summary)
@@ -207,17 +185,11 @@ def ablation_table(rows: list[dict]) -> str:
 
 def analyze(cfg: DictConfig) -> dict:
     """Run the analysis of `cfg` (configs/analyze.yaml); returns what analysis.json holds."""
-    plt = pyplot()
-    if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise SetrainError(f"No checkpoint given; {CHECKPOINT_FIXES[0]}.")
-    checkpoint = Path(cfg.checkpoint)
-    state = load_checkpoint(checkpoint, CHECKPOINT_FIXES)
-    trained = state["config"]
-    num_classes = state["model"]["fc.weight"].shape[0]  # every family's classifier is `fc`
-    model = build_model(trained["model"], num_classes)
-    load_model_state(model, state["model"], checkpoint)
+    plt = pyplot("setrain.analyze")
+    trained = load_trained_model(cfg, "analyze")
+    model, num_classes = trained.model, trained.num_classes
     if not se_blocks(model):
-        raise SetrainError(f"{trained['model']['name']} is a plain network; analyze an SE model.")
+        raise SetrainError(f"{trained.name} is a plain network; analyze an SE model.")
 
     if cfg.classes is None:
         classes = list(range(min(num_classes, DEFAULT_CLASSES)))
@@ -231,21 +203,15 @@ def analyze(cfg: DictConfig) -> dict:
     if cfg.batches is not None and cfg.batches < 1:
         raise SetrainError(f"batches={cfg.batches} must be at least 1, or null for all validation batches.")
 
-    # A data config with a name (data=<file>) replaces the checkpoint's; keys alone change it.
-    data_cfg = cfg.get("data")
-    if data_cfg is None or "name" not in data_cfg:
-        data_cfg = OmegaConf.merge(trained["data"], data_cfg or {})
     device = resolve_device(cfg.device)
-    data = build_data(OmegaConf.to_container(data_cfg, resolve=True), device)
-    if data.num_classes != num_classes:
-        raise SetrainError(
-            f"The {data_cfg.name} data has {data.num_classes} classes but the checkpoint's classifier "
-            f"has {num_classes}; analyze on the dataset the model was trained on."
-        )
+    data, data_cfg = trained_data(trained, cfg.get("data"), device)
     model.to(device)
 
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else checkpoint.parent.parent / "analysis"
-    log.info("Analysing %s (epoch %d) on %s into %s", checkpoint, state["epoch"], data_cfg.name, out_dir)
+    out_dir = trained.output_dir(cfg.output_dir, "analysis")
+    log.info(
+        "Analysing %s (epoch %d, %s weights) on %s into %s",
+        trained.checkpoint, trained.epoch, trained.weights, data_cfg.name, out_dir,
+    )  # fmt: skip
     batches = islice(data.val_loader, cfg.batches)
     sums, counts, intact_top1 = collect_excitations(model, batches, num_classes, device)
     summary = summarise(sums, counts, classes)
@@ -257,7 +223,7 @@ def analyze(cfg: DictConfig) -> dict:
         arrays[f"{name}/mean"], arrays[f"{name}/class_means"] = block["mean"], block["class_means"]
     np.savez(out_dir / "excitations.npz", **arrays)
 
-    title = f"{trained['model']['name']} on {data_cfg.name}"
+    title = f"{trained.name} on {data_cfg.name}"
     figures = {
         "fig6_excitations": plot_excitations(plt, summary, classes, title),
         "class_specificity": plot_specificity(plt, summary, title),
@@ -268,7 +234,7 @@ def analyze(cfg: DictConfig) -> dict:
         writer.add_figure(f"analysis/{name}", fig)  # closes the figure
     table = ablation_table(ablation)
     (out_dir / "se_ablation.md").write_text(
-        f"# {title}: val top-1 with SE disabled (gates forced to 1), from {checkpoint}\n\n{table}"
+        f"# {title}: val top-1 with SE disabled (gates forced to 1), from {trained.checkpoint}\n\n{table}"
     )
     writer.add_text("analysis/se_ablation", table)
     for depth, (name, block) in enumerate(summary.items()):
@@ -276,9 +242,10 @@ def analyze(cfg: DictConfig) -> dict:
     writer.close()
 
     results = {
-        "checkpoint": str(checkpoint),
-        "epoch": state["epoch"],
-        "model": trained["model"]["name"],
+        "checkpoint": str(trained.checkpoint),
+        "epoch": trained.epoch,
+        "weights": trained.weights,
+        "model": trained.name,
         "data": data_cfg.name,
         "classes": classes,
         "images": int(counts.sum().item()),
@@ -293,11 +260,7 @@ def analyze(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="analyze")
 def main(cfg: DictConfig) -> None:
-    try:
-        analyze(cfg)
-    except SetrainError as error:
-        report_user_error(error)
-        sys.exit(1)
+    run_command(analyze, cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Glue between the Hydra entry points (train.py, setrain.analyze) and the engine: run dir, user errors.
+"""Glue between the entry points (train.py, setrain.analyze/evaluate/predict) and the engine: run dir, user errors.
 
 A user error (SetrainError) is printed as one sentence without a traceback; set
 HYDRA_FULL_ERROR=1 to see the full trace. In a multirun the failed job is reported and the
@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -53,6 +54,15 @@ def report_user_error(error: SetrainError) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
     print(f"setrain: error: {error}", file=sys.stderr)
+
+
+def run_command(command: Callable, cfg) -> None:
+    """Run `command(cfg)`; a user error ends it with one line and exit code 1."""
+    try:
+        command(cfg)
+    except SetrainError as error:
+        report_user_error(error)
+        sys.exit(1)
 
 
 def exit_status() -> int:
