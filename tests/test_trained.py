@@ -1,0 +1,88 @@
+"""Reading a finished run back (setrain/trained.py): the weights, the data, and the user errors."""
+
+import re
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_config, write_checkpoint
+from setrain.errors import SetrainError
+from setrain.models import create_model
+from setrain.trained import load_trained_model, trained_data
+
+
+def command_config(checkpoint, *overrides: str):
+    return compose_config(f"checkpoint={checkpoint}", "device=cpu", *overrides, config_name="evaluate")
+
+
+def ema_weights():
+    torch.manual_seed(1)
+    return create_model("se_resnet20", num_classes=10).state_dict()
+
+
+@pytest.mark.parametrize("weights, has_ema, loaded", [("auto", True, "ema"), ("auto", False, "model"),
+                                                      ("model", True, "model"), ("ema", True, "ema")])  # fmt: skip
+def test_the_weights_asked_for_are_loaded(tmp_path, weights, has_ema, loaded):
+    path = tmp_path / "checkpoints" / "best.pt"
+    state = write_checkpoint(path, **({"ema": ema_weights()} if has_ema else {}))
+    trained = load_trained_model(command_config(path, f"weights={weights}"), "evaluate")
+    assert trained.weights == loaded and trained.num_classes == 10 and trained.name == "se_resnet20"
+    for key, value in trained.model.state_dict().items():
+        torch.testing.assert_close(value, state[loaded][key], rtol=0, atol=0)
+    assert trained.output_dir(None, "evaluation") == tmp_path / "evaluation"
+    assert trained.output_dir(str(tmp_path / "elsewhere"), "evaluation") == tmp_path / "elsewhere"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("weights=ema", "has no EMA weights (its run did not use trainer.ema); use weights=model"),
+        ("weights=best", "weights=best is not one of auto, model, ema"),
+    ],
+)
+def test_weights_that_are_not_there_are_refused(tmp_path, override, message):
+    path = tmp_path / "best.pt"
+    write_checkpoint(path)
+    with pytest.raises(SetrainError, match=re.escape(message)):
+        load_trained_model(command_config(path, override), "evaluate")
+
+
+def test_unreadable_checkpoints_are_one_sentence_naming_the_command(tmp_path):
+    with pytest.raises(SetrainError, match=re.escape("No checkpoint given; pass checkpoint=<run dir>/checkpoints/")):
+        load_trained_model(compose_config(config_name="evaluate"), "evaluate")
+    with pytest.raises(SetrainError, match="does not exist; pass checkpoint="):
+        load_trained_model(command_config(tmp_path / "nope.pt"), "evaluate")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(SetrainError, match=r"cannot be read \(.*evaluate another one, such as checkpoints/last.pt"):
+        load_trained_model(command_config(corrupt), "evaluate")
+
+
+def test_data_is_the_checkpoints_own_changed_by_keys_or_replaced_by_a_file(tmp_path):
+    path = tmp_path / "best.pt"
+    write_checkpoint(path)
+    trained = load_trained_model(command_config(path), "evaluate")
+    cpu = torch.device("cpu")
+
+    data, data_cfg = trained_data(trained, None, cpu)
+    assert OmegaConf.to_container(data_cfg) == trained.config["data"]
+    assert len(data.val_loader.dataset) == 32 and data.classes[:2] == ["disk", "ring"]
+
+    changed = compose_config(f"checkpoint={path}", "+data.val_size=8", config_name="evaluate").data
+    data, data_cfg = trained_data(trained, changed, cpu)
+    assert len(data.val_loader.dataset) == 8 and data_cfg.image_size == 16  # the rest is the checkpoint's
+
+    replaced = compose_config(f"checkpoint={path}", "data=shapes", config_name="evaluate").data
+    _, data_cfg = trained_data(trained, replaced, cpu)
+    assert data_cfg.image_size == 32  # configs/data/shapes.yaml, not the checkpoint's 16
+
+
+def test_data_with_other_classes_than_the_classifier_is_refused(tmp_path):
+    path = tmp_path / "best.pt"
+    state = write_checkpoint(path)
+    state["model"] = create_model("se_resnet20", num_classes=5).state_dict()
+    torch.save(state, path)
+    trained = load_trained_model(command_config(path), "evaluate")
+    with pytest.raises(SetrainError, match="has 10 classes but the checkpoint's classifier has 5; use the dataset"):
+        trained_data(trained, None, torch.device("cpu"))
