@@ -1,4 +1,4 @@
-"""Glue between the entry points (train.py, setrain.analyze/evaluate/predict) and the engine: run dir, user errors.
+"""Glue between the entry points (train.py, setrain.analyze, ...) and the engine: run dir, user errors.
 
 A user error (SetrainError) is printed as one sentence without a traceback; set
 HYDRA_FULL_ERROR=1 to see the full trace. In a multirun the failed job is reported and the

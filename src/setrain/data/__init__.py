@@ -3,10 +3,13 @@
 Add a dataset by writing a builder ``build_<name>(...) -> (train_set, val_set, num_classes)``,
 adding it to DATASETS below, and adding configs/data/<name>.yaml whose keys, besides the
 loader settings (name, batch_size, num_workers), are the builder's arguments. Augmentation
-recipes (`data.augment`) live in transforms.py.
+recipes (`data.augment`) live in transforms.py. As in torchvision, the validation set's
+`transform` turns a decoded image into the model's input (setrain.predict applies it to image
+files) and its `classes`, where it has them, name the labels.
 """
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,10 @@ class DataBundle:
     val_loader: DataLoader
     num_classes: int
     shuffle_generator: torch.Generator
+    val_transform: Callable
+    """What validation does to one decoded image; setrain.predict applies it to image files."""
+    classes: list[str] | None
+    """Class names in label order, where the dataset has them (torchvision's `classes`)."""
     rank: int = 0
 
     def set_epoch(self, seed: int, epoch: int) -> None:
@@ -104,4 +111,11 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
     else:
         train_loader = DataLoader(train_set, shuffle=True, drop_last=True, generator=generator, **loader_options)
     val_loader = DataLoader(val_set, shuffle=False, **loader_options)
-    return DataBundle(train_loader, val_loader, num_classes, generator, rank)
+    val_images = val_set
+    while isinstance(val_images, Subset):  # a held-out split, a process's share
+        val_images = val_images.dataset
+    classes = getattr(val_images, "classes", None)  # STL10 has them only with class_names.txt
+    return DataBundle(
+        train_loader, val_loader, num_classes, generator,
+        val_transform=val_images.transform, classes=None if classes is None else list(classes), rank=rank,
+    )  # fmt: skip

@@ -9,6 +9,7 @@ import math
 
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 from setrain.errors import SetrainError
 
@@ -72,6 +73,11 @@ class ShapesDataset(Dataset):
     """In-memory shapes images, returned as float tensors scaled to [-1, 1]."""
 
     classes = CLASSES
+    # The same scaling for a decoded image file, (x / 255 - 0.5) / 0.5 (setrain.predict); the
+    # in-memory images take the direct route below.
+    transform = v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.5,) * 3, (0.5,) * 3)]
+    )
 
     def __init__(self, size: int, image_size: int, seed: int):
         self.images, self.targets = make_shapes(size, image_size, seed)
