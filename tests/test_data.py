@@ -5,6 +5,7 @@ import torch
 from torchvision.transforms import v2
 
 from setrain.data import build_data
+from setrain.data.folders import load_rgb
 from setrain.data.shapes import CLASSES, build_shapes, make_shapes
 from setrain.data.transforms import AUGMENTATIONS
 from setrain.errors import SetrainError
@@ -57,7 +58,7 @@ def data_config(name: str, **options) -> dict:
 def test_cifar10_loads_from_real_format_files(tmp_path):
     write_cifar10(tmp_path)
     data = build_data(data_config("cifar10", root=str(tmp_path), download=False), CPU)
-    assert data.num_classes == 10
+    assert data.num_classes == 10 and data.classes[:2] == ["airplane", "automobile"]
     assert len(data.train_loader.dataset) == 40 and len(data.val_loader.dataset) == 16
     images, labels = next(iter(data.train_loader))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
@@ -258,6 +259,9 @@ def test_folder_with_train_and_val(tmp_path):
     assert len(data.train_loader.dataset) == 12 and len(data.val_loader.dataset) == 6
     assert {path.rsplit(".", 1)[1] for path, _ in data.train_loader.dataset.samples} == {"png", "jpg"}
     assert [label for _, label in data.val_loader.dataset.samples] == [0, 0, 1, 1, 2, 2]
+    assert data.classes == ["cat", "dog", "fox"]
+    path, _ = data.val_loader.dataset.samples[0]
+    assert torch.equal(data.val_transform(load_rgb(path)), data.val_loader.dataset[0][0])
 
 
 def test_val_fraction_is_a_disjoint_seeded_split_with_its_own_transform(tmp_path):
