@@ -1,0 +1,223 @@
+"""Summarise a multirun: a Markdown table of its jobs and a plot of a metric against the swept key.
+
+    python scripts/sweep_report.py outputs/multirun/2026-11-23/10-00-00
+    python scripts/sweep_report.py <sweep dir> --x model.se.reduction --metric best.val_top1
+
+Reads each job's results.json (written by the trainer when a run ends) and the overrides Hydra
+saved in its .hydra/overrides.yaml, and writes <sweep dir>/sweep_report.md and sweep_report.png.
+A job without results.json failed or has not finished; it is listed as such. The swept key, the
+plot's x axis, is the one override whose value differs between jobs; where several do (an Optuna
+sweep), --x picks one, or the plot shows the metric by job number, the optimisation history.
+"""
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from setrain.cli import run_command
+from setrain.errors import SetrainError
+from setrain.figures import pyplot
+
+COLUMNS = {  # table column -> key path in results.json
+    "best val top-1 (%)": "best.val_top1",
+    "best val top-5 (%)": "best.val_top5",
+    "best epoch": "best.epoch",
+    "final val top-1 (%)": "final.val_top1",
+    "epochs": "epochs",
+}
+
+
+@dataclass
+class Job:
+    number: int
+    overrides: dict[str, str]
+    """key -> value as written on the command line ("model.se.reduction" -> "16")."""
+    results: dict | None
+    """results.json; None while the job has not finished, or when it failed."""
+
+    def value(self, key: str) -> float | str:
+        """The override's value, as a number where it is one, so that sweeps sort by size."""
+        text = self.overrides.get(key, "(default)")
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    def metric(self, path: str) -> float | None:
+        found = self.results
+        for part in path.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        return found
+
+
+def read_jobs(sweep_dir: Path) -> list[Job]:
+    """Every job Hydra started in `sweep_dir`, finished or not, by job number."""
+    if not sweep_dir.is_dir():
+        raise SetrainError(
+            f"Sweep folder {sweep_dir} does not exist; pass the folder a multirun wrote, e.g. "
+            "outputs/multirun/<date>/<time>."
+        )
+    parser = OverridesParser.create()
+    jobs = []
+    for hydra_dir in sweep_dir.glob("**/.hydra"):
+        overrides = parser.parse_overrides(list(OmegaConf.load(hydra_dir / "overrides.yaml")))
+        results = hydra_dir.parent / "results.json"
+        jobs.append(
+            Job(
+                number=OmegaConf.load(hydra_dir / "hydra.yaml").hydra.job.num,
+                overrides={o.key_or_group: o.get_value_element_as_str() for o in overrides},
+                results=json.loads(results.read_text()) if results.is_file() else None,
+            )
+        )
+    if not jobs:
+        raise SetrainError(
+            f"{sweep_dir} holds no Hydra jobs (no <job>/.hydra/ folder); pass the folder a multirun "
+            "wrote, e.g. outputs/multirun/<date>/<time>."
+        )
+    return sorted(jobs, key=lambda job: job.number)
+
+
+def varying_keys(jobs: list[Job]) -> list[str]:
+    keys = sorted({key for job in jobs for key in job.overrides})
+    return [key for key in keys if len({job.overrides.get(key) for job in jobs}) > 1]
+
+
+def sort_key(value: float | str) -> tuple:
+    """Numbers before text, each in its own order."""
+    return (0, value, "") if isinstance(value, float) else (1, 0, value)
+
+
+def run_time(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def table_order(job: Job, x_key: str | None, metric: str) -> tuple:
+    """Finished jobs first: by the swept key's value, or with no swept key, highest metric first."""
+    if x_key:
+        return (job.results is None, sort_key(job.value(x_key)), job.number)
+    score = job.metric(metric)
+    return (score is None, -(score or 0), job.number)
+
+
+def markdown(jobs: list[Job], varying: list[str], metric: str, sweep_dir: Path) -> str:
+    """A table row per job with the overrides that vary; those shared by all are listed once above."""
+    columns = dict(COLUMNS)
+    if metric not in columns.values():
+        columns[metric] = metric
+    lines = [
+        "| job | overrides | parameters | " + " | ".join(columns) + " | run time |",
+        "|---" * (len(columns) + 4) + "|",
+    ]
+    for job in jobs:
+        overrides = " ".join(f"{key}={job.overrides.get(key, '(default)')}" for key in varying)
+        if job.results is None:
+            cells = ["failed or unfinished (no results.json)"] + [""] * (len(columns) + 1)
+        else:
+            numbers = [job.metric(path) for path in columns.values()]
+            cells = [
+                f"{job.results['params'] / 1e6:.2f}M",
+                *("n/a" if n is None else f"{n:.2f}" if isinstance(n, float) else str(n) for n in numbers),
+                run_time(job.results["run_time_s"]),
+            ]
+        lines.append(f"| {job.number} | {overrides or '(none)'} | " + " | ".join(cells) + " |")
+
+    common = sorted(f"`{key}={value}`" for key, value in jobs[0].overrides.items() if key not in varying)
+    finished = [job for job in jobs if job.metric(metric) is not None]
+    header = [
+        f"# Sweep {sweep_dir}",
+        "",
+        f"{len(jobs)} jobs, {len(finished)} finished; all ran with {' '.join(common) or 'the defaults'}.",
+    ]
+    if finished:
+        best = max(finished, key=lambda job: job.metric(metric))
+        header.append(f"Highest {metric}: {best.metric(metric):.2f}, job {best.number}.")
+    return "\n".join(header + [""] + lines) + "\n"
+
+
+def plot(plt, jobs: list[Job], x_key: str | None, metric: str, title: str):
+    """`metric` of each finished job against `x_key` (or the job number), the mean per value as a
+    line, and the parameter count on a second axis: the accuracy-versus-cost trade-off of a sweep."""
+    finished = [job for job in jobs if job.metric(metric) is not None]
+    xs = [job.value(x_key) if x_key else float(job.number) for job in finished]
+    scores = [job.metric(metric) for job in finished]
+    values = sorted(set(xs), key=sort_key)
+    numeric = all(isinstance(x, float) for x in values)
+    position = (lambda x: x) if numeric else values.index  # text values: one slot each
+    means = [statistics.mean(score for x, score in zip(xs, scores) if x == value) for value in values]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot([position(x) for x in xs], scores, "o", alpha=0.6, label=metric)
+    ax.plot([position(value) for value in values], means, "-", color="C0")
+    if numeric and min(values) > 0 and max(values) / min(values) >= 10:
+        ax.set_xscale("log")  # geometric sweeps: reduction 2..32, learning rates
+    if len(values) <= 12:
+        labels = [f"{value:g}" if numeric else value for value in values]
+        ax.set_xticks([position(value) for value in values], labels)
+        ax.minorticks_off()
+    ax.set_xlabel(x_key or "job number")
+    ax.set_ylabel(metric)
+    params = ax.twinx()
+    params.plot(
+        [position(x) for x in xs], [job.results["params"] / 1e6 for job in finished],
+        "s", color="grey", alpha=0.5, label="parameters (M)",
+    )  # fmt: skip
+    params.set_ylabel("parameters (M)", color="grey")
+    ax.legend(handles=ax.lines[:1] + params.lines, fontsize=8, loc="best")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def report(args: argparse.Namespace) -> None:
+    """Write the sweep's table and plot."""
+    plt = pyplot("sweep_report.py")
+    sweep_dir = Path(args.sweep_dir)
+    jobs = read_jobs(sweep_dir)
+    varying = varying_keys(jobs)
+    keys = sorted({key for job in jobs for key in job.overrides})
+    if args.x is not None and args.x not in keys:
+        raise SetrainError(
+            f"--x {args.x} is not an override of any job in {sweep_dir}; choose one of: "
+            f"{', '.join(keys) or 'none (the jobs have no overrides)'}."
+        )
+    finished = [job for job in jobs if job.results is not None]
+    if finished and all(job.metric(args.metric) is None for job in finished):
+        raise SetrainError(
+            f"No results.json in {sweep_dir} has {args.metric}; pass --metric <key path in "
+            "results.json>, e.g. best.val_top1 or final.val_loss."
+        )
+    x_key = args.x or (varying[0] if len(varying) == 1 else None)
+    jobs.sort(key=lambda job: table_order(job, x_key, args.metric))
+
+    table = markdown(jobs, varying, args.metric, sweep_dir)
+    (sweep_dir / "sweep_report.md").write_text(table)
+    print(table)
+    if not finished:
+        print(f"Written: {sweep_dir / 'sweep_report.md'}; no plot, as no job has finished.")
+        return
+    title = f"{sweep_dir.name}: {args.metric} by {x_key or 'job'}"
+    if x_key is None and len(varying) > 1:
+        title += f"\n(several keys vary: {', '.join(varying)}; pick one with --x)"
+    plot(plt, jobs, x_key, args.metric, title).savefig(sweep_dir / "sweep_report.png", dpi=80)
+    print(f"Written: {sweep_dir / 'sweep_report.md'} and {sweep_dir / 'sweep_report.png'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", help="the folder a multirun wrote (hydra.sweep.dir)")
+    parser.add_argument("--x", help="the override on the plot's x axis (default: the one that varies)")
+    parser.add_argument(
+        "--metric", default="best.val_top1", help="a key path in results.json (default: %(default)s)"
+    )
+    run_command(report, parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
