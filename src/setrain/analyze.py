@@ -242,10 +242,7 @@ def analyze(cfg: DictConfig) -> dict:
     writer.close()
 
     results = {
-        "checkpoint": str(trained.checkpoint),
-        "epoch": trained.epoch,
-        "weights": trained.weights,
-        "model": trained.name,
+        **trained.provenance,
         "data": data_cfg.name,
         "classes": classes,
         "images": int(counts.sum().item()),

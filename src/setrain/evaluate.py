@@ -98,10 +98,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     names = data.classes or [str(label) for label in range(trained.num_classes)]
 
     results = {
-        "checkpoint": str(trained.checkpoint),
-        "epoch": trained.epoch,
-        "weights": trained.weights,
-        "model": trained.name,
+        **trained.provenance,
         "data": data_cfg.name,
         "images": len(labels),
         **metrics,

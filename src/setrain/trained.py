@@ -34,6 +34,11 @@ class TrainedModel:
     def name(self) -> str:
         return self.config["model"]["name"]
 
+    @property
+    def provenance(self) -> dict:
+        """What a command's results come from, for the head of its JSON file."""
+        return dict(checkpoint=str(self.checkpoint), epoch=self.epoch, weights=self.weights, model=self.name)
+
     def output_dir(self, chosen: str | None, folder: str) -> Path:
         """`chosen`, or <run dir>/<folder>, the run dir being the parent of checkpoints/."""
         return Path(chosen) if chosen else self.checkpoint.parent.parent / folder
