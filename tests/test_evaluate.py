@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_user_error, compose_config, run_module, write_checkpoint
+from conftest import TINY, assert_user_error, compose_config, run_cli, run_module, write_checkpoint
 from setrain.engine.loop import evaluate
 from setrain.evaluate import confusion_matrix, evaluate_checkpoint
 from setrain.models import create_model
@@ -67,6 +67,20 @@ def test_evaluate_cli_reproduces_the_runs_final_validation(trained_run, tmp_path
         assert report[key] == pytest.approx(final[f"val_{key}"])
     assert f"top-1 {report['top1']:.2f}%" in result.stdout
     assert (trained_run / "evaluation" / "confusion_matrix.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_run_with_ema_is_evaluated_with_its_ema_weights_unless_told_otherwise(tmp_path):
+    run_dir = tmp_path / "run"
+    trained = run_cli(*TINY, "trainer.ema_decay=0.9", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    final = json.loads((run_dir / "results.json").read_text())["final"]
+    for weights, prefix in (("auto", "val_ema_"), ("model", "val_")):
+        cfg = evaluate_config(f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", f"weights={weights}")
+        results = evaluate_checkpoint(cfg)
+        assert {key: results[key] for key in ("loss", "top1", "top5")} == pytest.approx(
+            {key: final[prefix + key] for key in ("loss", "top1", "top5")}
+        )
 
 
 @pytest.mark.slow

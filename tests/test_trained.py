@@ -37,7 +37,7 @@ def test_the_weights_asked_for_are_loaded(tmp_path, weights, has_ema, loaded):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("weights=ema", "has no EMA weights (its run did not use trainer.ema); use weights=model"),
+        ("weights=ema", "has no EMA weights (its run did not set trainer.ema_decay); use weights=model"),
         ("weights=best", "weights=best is not one of auto, model, ema"),
     ],
 )

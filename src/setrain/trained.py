@@ -45,7 +45,8 @@ class TrainedModel:
 
 
 def choose_weights(state: dict, weights: str, checkpoint: Path) -> str:
-    """`auto` takes the EMA weights when the run kept them (trainer.ema): they usually validate better."""
+    """`auto` takes the EMA weights where the run kept them (trainer.ema_decay): they usually
+    validate better than the last step's."""
     if weights not in WEIGHTS:
         raise SetrainError(
             f"weights={weights} is not one of {', '.join(WEIGHTS)}; auto uses the EMA weights when "
@@ -56,7 +57,7 @@ def choose_weights(state: dict, weights: str, checkpoint: Path) -> str:
         return "ema" if has_ema else "model"
     if weights == "ema" and not has_ema:
         raise SetrainError(
-            f"Checkpoint {checkpoint} has no EMA weights (its run did not use trainer.ema); use "
+            f"Checkpoint {checkpoint} has no EMA weights (its run did not set trainer.ema_decay); use "
             "weights=model or weights=auto."
         )
     return weights
