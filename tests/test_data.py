@@ -317,7 +317,7 @@ def test_folder_layout_errors_name_the_path_and_the_fix(tmp_path, layout, messag
     if layout == "other val classes":
         write_image_folder(root / "val", ["a", "c"], per_class=1)
     with pytest.raises(SetrainError, match=message.format(root=root)):
-        build_data({**data_config("folder", root=str(root)), "batch_size": 1}, CPU)
+        build_data({**data_config("folder", root=str(root)), "batch_size": 2}, CPU)
 
 
 def test_corrupt_image_in_a_worker_is_one_sentence_naming_the_file(tmp_path):

@@ -78,10 +78,13 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
     if unknown:
         raise SetrainError(f"Dataset {name!r} does not take the option(s) {', '.join(unknown)}.")
     batch_size, num_workers = data_cfg["batch_size"], data_cfg["num_workers"]
-    if batch_size < 1 or num_workers < 0:
+    if batch_size < 2:  # BatchNorm fails on one image whose feature map is 1x1 (e.g. 32 px into ResNet-50)
         raise SetrainError(
-            f"data.batch_size={batch_size} and data.num_workers={num_workers} must be >= 1 and >= 0."
+            f"data.batch_size={batch_size} is too small: BatchNorm needs at least 2 images per batch "
+            "to train; use 2 or more."
         )
+    if num_workers < 0:
+        raise SetrainError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
 
     train_set, val_set, num_classes = builder(**options)
     if len(train_set) < batch_size:

@@ -11,6 +11,7 @@ one shared builder needs: its name, native image size, training-set mean/std and
 import pickle
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import Dataset
 from torchvision import datasets
 
@@ -49,6 +50,8 @@ class STL10Files(datasets.STL10):
 
     train_list = [[name, None] for name, _ in datasets.STL10.train_list if "unlabeled" not in name]
     test_list = _presence_only(datasets.STL10.test_list)
+    # torchvision reads the names from class_names.txt, and has none without it.
+    classes = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
     description, native_size = "STL10", 96
     mean, std = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
     split_arguments = {"split": "train"}, {"split": "test"}
@@ -76,12 +79,17 @@ def _load(dataset_class, root: Path, download: bool, description: str, **kwargs)
             f"not in the official format: replace them with a fresh copy of {url}."
         ) from error
     labels = getattr(dataset, "targets", None)
-    if labels is None:
-        labels = dataset.labels
+    labels = np.asarray(dataset.labels if labels is None else labels)
     if len(dataset.data) != len(labels):
         raise SetrainError(
             f"{description} files in {expected} are inconsistent ({len(dataset.data)} images but "
             f"{len(labels)} labels); replace them with a fresh copy of {url}."
+        )
+    last = len(dataset.classes) - 1
+    if len(labels) and (labels.min() < 0 or labels.max() > last):
+        raise SetrainError(
+            f"{description} files in {expected} hold labels {labels.min()}..{labels.max()}, outside its "
+            f"classes 0..{last}; replace them with a fresh copy of {url}."
         )
     return dataset
 

@@ -1,5 +1,6 @@
 """Checkpoints: written atomically, read as data only (``weights_only=True``), never as code."""
 
+import errno
 import os
 from pathlib import Path
 
@@ -13,14 +14,28 @@ REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash mid-write leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write to a temporary file, then rename: a crash, or a disk that fills up, mid-write leaves
+    the previous file intact (and a failed write leaves no temporary file behind)."""
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        kept = f" (the previous {path.name} is intact)" if path.is_file() else ""
+        resume = f"continue with resume=auto hydra.run.dir={path.parent.parent}"
+        if error.errno == errno.ENOSPC:
+            raise SetrainError(
+                f"The disk is full: could not write checkpoint {path}{kept}; free space on it, then {resume}."
+            ) from error
+        raise SetrainError(
+            f"Could not write checkpoint {path} ({error.strerror or error}){kept}; make {path.parent} "
+            f"writable, then {resume}."
+        ) from error
 
 
 RESUME_FIXES = (
@@ -47,23 +62,30 @@ def load_checkpoint(path: Path | str, fixes: tuple[str, str] = RESUME_FIXES) -> 
 
 
 def load_model_state(model: nn.Module, state_dict: dict, source: Path | str) -> None:
-    """Load weights, naming the keys and shapes that differ rather than failing deep in torch."""
+    """Load weights, naming the keys and shapes that differ rather than failing deep in torch; a
+    classifier of another size, alone, means that the data has another number of classes."""
     expected = model.state_dict()
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
-    mismatched = [
-        f"{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state_dict and state_dict[key].shape != value.shape
-    ]
+    resized = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
+    shapes = [f"{key} {tuple(state_dict[key].shape)} vs {tuple(expected[key].shape)}" for key in resized]
     problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched)):
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
         if keys:
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             problems.append(f"{label}: {shown}")
-    if problems:
+    if not problems:
+        model.load_state_dict(state_dict)
+        return
+    classifier = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
+    if not missing and not unexpected and {key.rpartition(".")[0] for key in resized} == {classifier}:
+        weight = f"{classifier}.weight"
         raise SetrainError(
-            f"Checkpoint {source} does not fit this model ({'; '.join(problems)}); resume with "
-            "the model, SE options and dataset it was trained with."
+            f"Checkpoint {source} classifies {state_dict[weight].shape[0]} classes but this dataset has "
+            f"{expected[weight].shape[0]} ({problems[0]}); resume on the data it was trained on, or "
+            f"fine-tune it in a new run with model.pretrained={source}."
         )
-    model.load_state_dict(state_dict)
+    raise SetrainError(
+        f"Checkpoint {source} does not fit this model ({'; '.join(problems)}); resume with "
+        "the model, SE options and dataset it was trained with."
+    )
