@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from setrain.cli import exit_status, run_training
+from setrain.cli import run, run_training
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -14,5 +14,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(exit_status())
+    sys.exit(run(main))

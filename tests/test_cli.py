@@ -46,22 +46,6 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("model=se_resnet51", "Could not find 'model/se_resnet51'"),
-        ("data=mnist", "Could not find 'data/mnist'"),
-        ("optimizer=lamb", "Could not find 'optimizer/lamb'"),
-        ("scheduler=onecycle", "Could not find 'scheduler/onecycle'"),
-        ("trainer.epoch=3", "Key 'epoch' is not in struct"),
-    ],
-)
-def test_unknown_config_names_are_refused_by_hydra(tmp_path, override, message):
-    result = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert_user_error(result, message)
-    assert not (tmp_path / "run").exists()
-
-
 def test_corrupt_checkpoint_is_refused_and_nothing_is_overwritten(tmp_path):
     run_dir = tmp_path / "run"
     assert run_cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0

@@ -234,13 +234,6 @@ def test_cuda_without_a_gpu_is_a_user_error(tiny_config, tmp_path):
         train(tiny_config("trainer.device=cuda"), tmp_path)
 
 
-def test_checkpoint_of_another_model_names_what_differs(tiny_config, tmp_path):
-    train(tiny_config("model=resnet20", "trainer.epochs=1"), tmp_path / "plain")
-    checkpoint = tmp_path / "plain" / "checkpoints" / "last.pt"
-    with pytest.raises(SetrainError, match=r"does not fit this model \(missing: .*se\.excitation"):
-        train(tiny_config(f"resume={checkpoint}"), tmp_path / "se")
-
-
 def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
     train(tiny_config("trainer.epochs=1"), tmp_path)
     last = tmp_path / "checkpoints" / "last.pt"

@@ -16,6 +16,7 @@ Forward hooks on each SE block's `excitation` read or replace its gate; no model
 
 import json
 import logging
+import sys
 from contextlib import contextmanager
 from itertools import islice
 
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from setrain.cli import run_command
+from setrain.cli import run, run_command
 from setrain.engine.loop import evaluate, topk_correct
 from setrain.engine.trainer import resolve_device
 from setrain.errors import SetrainError
@@ -261,4 +262,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

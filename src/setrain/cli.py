@@ -1,28 +1,101 @@
 """Glue between the entry points (train.py, setrain.analyze, ...) and the engine: run dir, user errors.
 
-A user error (SetrainError) is printed as one sentence without a traceback; set
-HYDRA_FULL_ERROR=1 to see the full trace. In a multirun the failed job is reported and the
-sweep goes on; the process then exits non-zero. A multirun started again with the same
-`hydra.sweep.dir` skips the jobs that finished and resumes the others from their checkpoints.
+A user error (SetrainError, or a config that Hydra cannot compose, see config_checks.py) is
+printed as one sentence without a traceback; set HYDRA_FULL_ERROR=1 to see the full trace. In a
+multirun the failed job is reported and the sweep goes on; the process then exits non-zero. A
+multirun started again with the same `hydra.sweep.dir` skips the jobs that finished and resumes
+the others from their checkpoints.
 """
 
 import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from setrain.config_checks import check_values, config_error_sentence
 from setrain.engine import train
+from setrain.engine.rundir import check_earlier_run, lock_run_dir
 from setrain.engine.signals import RunStopped
 from setrain.errors import SetrainError
 
 log = logging.getLogger(__name__)
 failed_jobs: list[str] = []
+# Read before `run` sets the variable for Hydra: whether the user asked for tracebacks.
+SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def run(hydra_main: Callable[[], object]) -> int:
+    """Run a `@hydra.main` function and return the process's exit status.
+
+    Hydra prints its own errors over many lines (a missing config lists every option, then the
+    search path); with HYDRA_FULL_ERROR=1 it raises them instead, so they arrive here to be said
+    in one sentence, or re-raised when the user set the variable.
+    """
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except HydraException as error:
+        if SHOW_TRACEBACKS:
+            raise
+        print(f"setrain: error: {config_error_sentence(error)}", file=sys.stderr)
+        return 1
+    return exit_status()
+
+
+class ClaimRunDir(Callback):
+    """Locks the run dir (rundir.lock_run_dir) and checks what it holds before Hydra writes
+    .hydra/ and train.log into it; listed under hydra.callbacks in configs/train.yaml.
+
+    A sweep locks its sweep dir, then each job its subdirectory; a job dir that holds a run is
+    resumed (run_training), so only a single run refuses to start over one.
+    """
+
+    def __init__(self):
+        # Under torchrun every process starts Hydra: rank 0 claims the run dir for all (trainer._join_run_dir).
+        self.claims = os.environ.get("RANK", "0") == "0"
+        self.job_lock = None
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if self.claims:
+            run_dir = Path(config.hydra.run.dir).absolute()
+            with _exit_on_user_error():
+                self.run_lock = lock_run_dir(run_dir)
+                check_earlier_run(run_dir, config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if self.claims:
+            with _exit_on_user_error():
+                self.sweep_lock = lock_run_dir(Path(config.hydra.sweep.dir).absolute())
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if self.claims and config.hydra.mode == RunMode.MULTIRUN:
+            with _exit_on_user_error():
+                self.job_lock = lock_run_dir(Path(config.hydra.runtime.output_dir))
+
+    def on_job_end(self, config: DictConfig, **kwargs) -> None:
+        if self.job_lock is not None:
+            os.close(self.job_lock)
+            self.job_lock = None
+
+
+@contextmanager
+def _exit_on_user_error():
+    """Hydra turns a callback's exceptions into warnings: report a refusal here and end the process."""
+    try:
+        yield
+    except SetrainError as error:
+        report_user_error(error)
+        sys.exit(1)
 
 
 def run_training(cfg: DictConfig) -> float | None:
@@ -37,6 +110,7 @@ def run_training(cfg: DictConfig) -> float | None:
         if cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
             cfg.resume = "auto"
     try:
+        check_values(cfg)
         return train(cfg, run_dir)["best"]["val_top1"]
     except RunStopped as stopped:
         log.info("%s", stopped)
@@ -50,10 +124,11 @@ def run_training(cfg: DictConfig) -> float | None:
 
 
 def report_user_error(error: SetrainError) -> None:
-    """Print the error's sentence as one line, or re-raise it when HYDRA_FULL_ERROR=1 asks for the trace."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise error
-    print(f"setrain: error: {error}", file=sys.stderr)
+    """Print the error's sentence as one line, or its traceback when HYDRA_FULL_ERROR=1 asks for it."""
+    if SHOW_TRACEBACKS:
+        traceback.print_exception(error)
+    else:
+        print(f"setrain: error: {error}", file=sys.stderr)
 
 
 def run_command(command: Callable, cfg) -> None:

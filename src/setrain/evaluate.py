@@ -10,6 +10,7 @@ matrix are read in the same pass by a forward hook.
 
 import json
 import logging
+import sys
 
 import hydra
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from setrain.cli import run_command
+from setrain.cli import run, run_command
 from setrain.engine.loop import evaluate
 from setrain.engine.trainer import resolve_device
 from setrain.figures import pyplot
@@ -129,4 +130,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -9,6 +9,7 @@ prints the JSON instead (configs/predict.yaml lists the options).
 """
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from setrain.cli import run_command
+from setrain.cli import run, run_command
 from setrain.data.folders import load_rgb
 from setrain.engine.trainer import resolve_device
 from setrain.errors import SetrainError
@@ -108,4 +109,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

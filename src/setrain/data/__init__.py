@@ -74,9 +74,13 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
         raise SetrainError(f"Unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}.")
     builder = DATASETS[name]
     options = {key: value for key, value in data_cfg.items() if key not in LOADER_KEYS}
-    unknown = sorted(set(options) - set(inspect.signature(builder).parameters))
+    accepted = list(inspect.signature(builder).parameters)
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise SetrainError(f"Dataset {name!r} does not take the option(s) {', '.join(unknown)}.")
+        raise SetrainError(
+            f"Dataset {name!r} does not take the option(s) {', '.join(unknown)}; it takes: "
+            f"{', '.join(accepted + list(LOADER_KEYS[1:]))}."
+        )
     batch_size, num_workers = data_cfg["batch_size"], data_cfg["num_workers"]
     if batch_size < 2:  # BatchNorm fails on one image whose feature map is 1x1 (e.g. 32 px into ResNet-50)
         raise SetrainError(

@@ -36,6 +36,7 @@ from setrain.engine.distributed import (
 )
 from setrain.engine.loop import EpochTotals, Recipe, evaluate, train_steps
 from setrain.engine.optim import build_optimizer, build_scheduler
+from setrain.engine.rundir import check_same_run
 from setrain.engine.signals import RunStopped, stop_on_signals
 from setrain.errors import SetrainError
 from setrain.models import build_model
@@ -187,6 +188,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
     resume_from = _resume_path(cfg.resume, checkpoint_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from)
+        check_same_run(cfg, state["config"], f"Checkpoint {resume_from}")
         load_model_state(model, state["model"], resume_from)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

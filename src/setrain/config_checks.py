@@ -1,0 +1,115 @@
+"""A config Hydra could not compose, or composed but setrain cannot use, said in one sentence.
+
+Hydra refuses unknown files (`model=se_resnet51`) and misspelt keys (`trainer.epoch=3`) over many
+lines; `config_error_sentence` says it in one. The YAML files declare no types and `+key=value`
+adds any key, so Hydra accepts `trainer.epochs=ten` or `+trainer.epoch=3`; `check_values` refuses
+those before training would trip over them, or silently ignore them.
+"""
+
+import json
+
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from setrain.errors import SetrainError
+
+# Groups whose keys are the arguments of what they build (a model, a dataset, a torch class):
+# their builders refuse unknown keys themselves, naming the ones they take.
+BUILT_GROUPS = ("model", "data", "optimizer", "scheduler")
+# Keys that take values of several types, so their default's type says nothing (32 or bf16; false
+# or a torch.compile backend name); whoever reads them checks them.
+ANY_TYPE_KEYS = ("trainer.precision", "trainer.compile")
+
+
+def config_error_sentence(error: HydraException) -> str:
+    """Hydra's report of a config it could not compose, as one sentence naming the accepted values."""
+    cause = error.__cause__
+    if isinstance(error, MissingConfigException) and error.options:
+        group, _, name = error.missing_cfg_file.rpartition("/")
+        return f"{group}={name} is not in configs/{group}/; choose one of: {', '.join(error.options)}."
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.parent_node is not None:
+        return not_a_key(cause.full_key, [str(key) for key in cause.parent_node if key != "hydra"])
+    if isinstance(error, OverrideParseException):
+        reason = error.message.splitlines()[0]
+        return (
+            f"Could not parse the override {error.override!r} ({reason}); see "
+            "https://hydra.cc/docs/advanced/override_grammar/basic/ for the syntax."
+        )
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def not_a_key(key: str, known: list[str]) -> str:
+    """The sentence for a key that is not in the config, given the keys beside it."""
+    parent = key.rpartition(".")[0]
+    where = f"of {parent}" if parent else "at the top level"
+    return f"{key} is not a config key; the keys {where} are: {', '.join(sorted(known))}."
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Refuse a `${...}` that does not resolve, a key that nothing reads, a value of another type
+    than its default in configs/, and a learning rate of zero or less (torch accepts 0).
+
+    The defaults are the same config files (the `model=`, `data=`, ... chosen) composed again
+    without the command line's values; run inside a Hydra app.
+    """
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        reason = str(error).splitlines()[0]
+        raise SetrainError(
+            f"{error.full_key} cannot be resolved ({reason}); fix its ${{...}} reference."
+        ) from error
+    hydra_cfg = HydraConfig.get()
+    choices = [
+        f"{group}={choice}"
+        for group, choice in hydra_cfg.runtime.choices.items()
+        if choice is not None and not group.startswith("hydra/")
+    ]
+    defaults = OmegaConf.to_container(compose(hydra_cfg.job.config_name, overrides=choices))
+    unknown = _unknown_key({key: value for key, value in values.items() if key not in BUILT_GROUPS}, defaults)
+    if unknown:
+        raise SetrainError(not_a_key(*unknown))
+    flat = dict(_leaves(values))
+    for key, default in _leaves(defaults):
+        kind = None if key in ANY_TYPE_KEYS else _expected_kind(default, flat.get(key))
+        if kind:
+            value = json.dumps(flat.get(key))
+            raise SetrainError(f"{key}={value} must be {kind}, like its default {json.dumps(default)}.")
+    if flat.get("optimizer.lr", 1) <= 0:
+        example = defaults["optimizer"]["lr"]
+        raise SetrainError(f"optimizer.lr={flat['optimizer.lr']} must be greater than 0, e.g. {example}.")
+
+
+def _unknown_key(values: dict, defaults: dict, prefix: str = "") -> tuple[str, list[str]] | None:
+    """The first key of `values` that `defaults` lacks, with the keys beside it that it has."""
+    for key, value in values.items():
+        if key not in defaults:
+            return f"{prefix}{key}", list(defaults)
+        if isinstance(value, dict) and isinstance(defaults[key], dict):
+            unknown = _unknown_key(value, defaults[key], f"{prefix}{key}.")
+            if unknown:
+                return unknown
+    return None
+
+
+def _leaves(node: dict, prefix: str = ""):
+    """(dotted key, value) of every leaf of a nested dict."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _expected_kind(default, value) -> str | None:
+    """What `value` must be to have the type of `default`; None if it has, or if any type goes."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    return None

@@ -1,0 +1,94 @@
+"""A run directory holds one run: used by one process at a time, never restarted from scratch
+over an earlier run, and continued only with the model and dataset it was trained with."""
+
+import errno
+import fcntl
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from setrain.errors import SetrainError
+
+# Model keys that may change when a run is continued: where the weights came from, not what they are.
+CONTINUABLE_MODEL_KEYS = ("pretrained", "pretrained_format")
+
+
+def lock_run_dir(run_dir: Path) -> int:
+    """Create `run_dir` and lock it for this process; returns the lock's descriptor.
+
+    The lock is `flock` on the directory itself, so no file is left behind, and the kernel releases
+    it when the process ends, however it ends: a killed run never blocks the next one.
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        descriptor = os.open(run_dir, os.O_RDONLY)
+    except OSError as error:
+        raise SetrainError(
+            f"Cannot write into the run directory {run_dir} ({error.strerror}); choose a writable "
+            "place with hydra.run.dir=<path> (hydra.sweep.dir=<path> with -m)."
+        ) from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise SetrainError(
+            f"The run directory {run_dir} is in use by another setrain process; wait for it to end, "
+            "or choose another hydra.run.dir."
+        ) from None
+    return descriptor
+
+
+def check_earlier_run(run_dir: Path, cfg: DictConfig) -> None:
+    """A run dir that holds a run (checkpoints/last.pt) may only be continued (resume=...), and
+    only with the model and data of its .hydra/config.yaml, read before Hydra replaces it."""
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        return
+    if cfg.resume is None:
+        raise SetrainError(
+            f"The run directory {run_dir} already holds a run (checkpoints/last.pt); continue it with "
+            "resume=auto, or start a new run in another hydra.run.dir."
+        )
+    saved = run_dir / ".hydra" / "config.yaml"
+    if saved.is_file():
+        check_same_run(cfg, OmegaConf.to_container(OmegaConf.load(saved)), f"The run in {run_dir}")
+
+
+def _identity(config: Mapping) -> dict[str, object]:
+    """What makes two runs the same run, as flat `key: value` pairs: the model and the dataset."""
+    flat = {"data.name": config["data"]["name"]}
+    pending = [("model", config["model"])]
+    while pending:
+        prefix, node = pending.pop()
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                pending.append((f"{prefix}.{key}", value))
+            elif prefix != "model" or key not in CONTINUABLE_MODEL_KEYS:
+                flat[f"{prefix}.{key}"] = value
+    return flat
+
+
+def check_same_run(cfg: DictConfig, saved_config: Mapping, source: str) -> None:
+    """Refuse to continue a run with another model, SE options or dataset, unless resume_force=true.
+
+    `saved_config` is the config the run was trained with (a checkpoint's "config", or its run
+    dir's .hydra/config.yaml); `source` starts the sentence ("Checkpoint x.pt"). Everything else
+    (epochs, learning rate, batch size, data.root, ...) may change when a run is continued.
+    """
+    if cfg.get("resume_force"):
+        return
+    ours = _identity({"model": OmegaConf.to_container(cfg.model, resolve=True), "data": cfg.data})
+    theirs = _identity(saved_config)
+    differing = sorted(key for key in set(ours) | set(theirs) if ours.get(key) != theirs.get(key))
+    # Another model or dataset makes its options' differences noise: name only those then.
+    differing = [key for key in ("data.name", "model.name") if key in differing] or differing
+    if differing:
+        shown = ", ".join(f"{key}={theirs.get(key)} (not {ours.get(key)})" for key in differing[:3])
+        more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+        raise SetrainError(
+            f"{source} was trained with {shown}{more}; resume with the same model and data, or pass "
+            "resume_force=true to continue it anyway."
+        )

@@ -1,0 +1,314 @@
+"""The reliability battery (docs/reliability.md): whatever a user feeds setrain, it answers with one
+sentence saying what is wrong and how to fix it, exits 1, and leaves earlier runs as they were.
+
+Each kind of mistake goes once through the real CLI; its variants are checked in-process, where the
+CLI would only add seconds. docs/reliability.md lists every case with its message and its test,
+including those tested beside the feature they guard (test_data.py, test_engine.py, ...).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from conftest import REPO_ROOT, TINY, assert_user_error, compose_config, run_cli
+from formats import write_stl10
+from setrain.config_checks import check_values, config_error_sentence
+from setrain.data import build_data
+from setrain.engine import train
+from setrain.engine.checkpoint import load_checkpoint, load_model_state
+from setrain.engine.rundir import lock_run_dir
+from setrain.errors import SetrainError
+from setrain.models import create_model
+
+CPU = torch.device("cpu")
+MODELS = (
+    "mobilenet_v1, resnet101, resnet110, resnet152, resnet18, resnet18_cifar, resnet20, resnet32, resnet34, "
+    "resnet50, resnet56, resnext101_32x4d, resnext152_64x4d, resnext50_32x4d, se_mobilenet_v1, se_resnet101, "
+    "se_resnet110, se_resnet152, se_resnet18, se_resnet20, se_resnet32, se_resnet34, se_resnet50, se_resnet56, "
+    "se_resnext101_32x4d, se_resnext50_32x4d, senet154, senet18_cifar"
+)
+
+
+def assert_one_line(result: subprocess.CompletedProcess, message: str) -> None:
+    """Exit status 1 and exactly `message` on stderr, as `setrain: error: <message>`."""
+    assert_user_error(result)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"setrain: error: {message}"], result.stderr
+
+
+def checked(*overrides: str) -> None:
+    """`check_values` on the config `python train.py <overrides>` composes, as inside the app."""
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        check_values(cfg)
+
+
+# Config names and keys
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model=se_resnet51", f"model=se_resnet51 is not in configs/model/; choose one of: {MODELS}."),
+        ("trainer.epoch=3", "trainer.epoch is not a config key; the keys of trainer are: accumulate_grad_batches, "),
+        ("trainer.epochs=ten", 'trainer.epochs="ten" must be an integer, like its default 10.'),
+    ],
+)
+def test_unknown_name_misspelt_key_and_wrong_type_are_one_line(tmp_path, override, message):
+    result = run_cli(override, "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_user_error(result, f"setrain: error: {message}")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if override != "trainer.epochs=ten":  # Hydra refuses before it makes the run dir
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data=mnist", "data=mnist is not in configs/data/; choose one of: cifar10, cifar100, folder, imagenet, shapes, stl10."),
+        ("optimizer=lamb", "optimizer=lamb is not in configs/optimizer/; choose one of: adam, adamw, sgd."),
+        ("scheduler=onecycle", "scheduler=onecycle is not in configs/scheduler/; choose one of: cosine, multistep, plateau, step."),
+        ("experiment=ablation_gates", "experiment=ablation_gates is not in configs/experiment/; choose one of: ablation_gate, "),
+        ("model.se.ratio=4", "model.se.ratio is not a config key; the keys of model.se are: gate, placement, reduction, squeeze, stages."),
+        ("seeds=1", "seeds is not a config key; the keys at the top level are: data, model, optimizer, resume, resume_force, scheduler, seed, trainer."),
+        ("trainer.epochs=[", "Could not parse the override 'trainer.epochs=[' (no viable alternative at input '['); see "),
+    ],
+)  # fmt: skip
+def test_configs_hydra_cannot_compose_are_one_sentence(override, message):
+    with pytest.raises(Exception) as raised:
+        compose_config(override)
+    sentence = config_error_sentence(raised.value)
+    assert sentence.startswith(message) and "\n" not in sentence, sentence
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["seed=0.5"], "seed=0.5 must be an integer, like its default 0."),
+        (["data.batch_size=big"], 'data.batch_size="big" must be an integer, like its default 128.'),
+        (["optimizer.nesterov=1"], "optimizer.nesterov=1 must be true or false, like its default true."),
+        (["optimizer.lr=fast"], 'optimizer.lr="fast" must be a number, like its default 0.05.'),
+        (["optimizer.lr=0"], "optimizer.lr=0 must be greater than 0, e.g. 0.05."),
+        (["optimizer=adam", "optimizer.lr=-1e-3"], "optimizer.lr=-0.001 must be greater than 0, e.g. 0.001."),
+        (["+trainer.epoch=3"], "trainer.epoch is not a config key; the keys of trainer are: accumulate_grad_batches, "),
+        (["+foo.bar=1"], "foo is not a config key; the keys at the top level are: data, model, optimizer, "),
+        (["trainer.epochs=${oops}"], "trainer.epochs cannot be resolved (Interpolation key 'oops' not found); fix its "),
+    ],
+)
+def test_values_hydra_accepts_but_training_cannot_use_are_refused(overrides, message):
+    with pytest.raises(SetrainError) as raised:
+        checked(*overrides)
+    assert str(raised.value).startswith(message), raised.value
+
+
+def test_values_of_every_kind_a_key_takes_pass():
+    checked("trainer.precision=bf16", "trainer.compile=aot_eager", "optimizer.lr=1", "model.se.stages=[4,5]")
+    checked("experiment=cifar", "model=se_resnet56", "+model.width_mult=0.5")  # checked by the model
+
+
+# Values
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"batch_size": 0}, "data.batch_size=0 is too small: BatchNorm needs at least 2 images per batch to train; use 2 or more."),
+        ({"batch_size": 1}, "data.batch_size=1 is too small"),
+        ({"image_size": 4}, "data.image_size=4 is too small to draw shapes; use 16 or more."),
+        ({"val_split": 0.1}, "Dataset 'shapes' does not take the option(s) val_split; it takes: image_size, train_size, val_size, seed, batch_size, num_workers."),
+    ],
+)  # fmt: skip
+def test_dataset_options_that_cannot_work_are_refused_before_loading(options, message):
+    """Every model runs on the smallest images the datasets make (8 px) with 2 or more per batch;
+    with 1, BatchNorm fails on a 1x1 feature map (a 32 px image deep in ResNet-50)."""
+    with pytest.raises(SetrainError) as raised:
+        build_data({"name": "shapes", "batch_size": 16, "num_workers": 0, "image_size": 16, **options}, CPU)
+    assert str(raised.value).startswith(message)
+
+
+def test_checkpoint_for_another_number_of_classes_says_so():
+    state = create_model("se_resnet20", num_classes=10).state_dict()
+    with pytest.raises(SetrainError) as raised:
+        load_model_state(create_model("se_resnet20", num_classes=4), state, "run/last.pt")
+    assert str(raised.value) == (
+        "Checkpoint run/last.pt classifies 10 classes but this dataset has 4 (shape: fc.weight (10, 64) vs "
+        "(4, 64), fc.bias (10,) vs (4,)); resume on the data it was trained on, or fine-tune it in a new run "
+        "with model.pretrained=run/last.pt."
+    )
+
+
+# Data
+
+
+def test_stl10_without_class_names_file_still_has_its_ten_classes(tmp_path):
+    (write_stl10(tmp_path) / "class_names.txt").unlink()
+    data = build_data({"name": "stl10", "batch_size": 4, "num_workers": 0, "root": str(tmp_path)}, CPU)
+    assert data.num_classes == 10
+
+
+def test_labels_outside_the_classes_are_refused(tmp_path):
+    folder = write_stl10(tmp_path)
+    (folder / "train_y.bin").write_bytes(bytes([1, 11] * 10))  # STL10 stores 1..10, torchvision subtracts 1
+    with pytest.raises(SetrainError, match=r"hold labels 0\.\.10, outside its classes 0\.\.9; replace them"):
+        build_data({"name": "stl10", "batch_size": 4, "num_workers": 0, "root": str(tmp_path)}, CPU)
+
+
+# Checkpoints
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling would create the marker file
+
+
+@pytest.mark.slow
+def test_checkpoint_whose_pickle_would_run_code_is_refused_through_the_cli(tmp_path):
+    marker, evil = tmp_path / "code_ran", tmp_path / "evil.pt"
+    torch.save({"model": RunsCode(str(marker)), "optimizer": {}, "scheduler": {}, "epoch": 1}, evil)
+    torch.load(evil, weights_only=False)
+    assert marker.is_file()  # the payload works where a loader trusts the file
+    marker.unlink()
+    result = run_cli(*TINY, f"resume={evil}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_one_line(
+        result,
+        f"Checkpoint {evil} holds pickled Python objects, which could run code, so it is not loaded; save "
+        "tensors only, e.g. torch.save(model.state_dict(), path).",
+    )
+    assert not marker.exists()
+
+
+def test_resume_from_a_checkpoint_of_another_model_is_refused_unless_forced(tiny_config, tmp_path):
+    train(tiny_config("model=resnet20", "trainer.epochs=1"), tmp_path / "plain")
+    checkpoint = tmp_path / "plain" / "checkpoints" / "last.pt"
+    with pytest.raises(SetrainError) as raised:
+        train(tiny_config(f"resume={checkpoint}"), tmp_path / "se")
+    assert str(raised.value) == (
+        f"Checkpoint {checkpoint} was trained with model.name=resnet20 (not se_resnet20); resume with the same "
+        "model and data, or pass resume_force=true to continue it anyway."
+    )
+    with pytest.raises(SetrainError, match=r"does not fit this model \(missing: .*se\.excitation"):
+        train(tiny_config(f"resume={checkpoint}", "resume_force=true"), tmp_path / "se")
+
+
+# Output
+
+
+@pytest.mark.slow
+def test_run_dir_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    run_dir = tmp_path / "file" / "run"
+    result = run_cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert_one_line(
+        result,
+        f"Cannot write into the run directory {run_dir} (Not a directory); choose a writable place with "
+        "hydra.run.dir=<path> (hydra.sweep.dir=<path> with -m).",
+    )
+
+
+def fake_run(run_dir, *overrides):
+    """A run dir as a finished run leaves it, without training: config and checkpoint."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose_config(*TINY, *overrides)))
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"the weights of an earlier run")
+    return {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+
+@pytest.mark.slow
+def test_a_run_dir_holding_a_run_is_only_continued_with_its_model_and_data(tmp_path):
+    run_dir = tmp_path / "run"
+    before = fake_run(run_dir)
+    again = run_cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert_one_line(
+        again,
+        f"The run directory {run_dir} already holds a run (checkpoints/last.pt); continue it with resume=auto, "
+        "or start a new run in another hydra.run.dir.",
+    )
+    other = run_cli(*TINY, "model=resnet20", "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert_one_line(
+        other,
+        f"The run in {run_dir} was trained with model.name=se_resnet20 (not resnet20); resume with the same model "
+        "and data, or pass resume_force=true to continue it anyway.",
+    )
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_config, tmp_path):
+    train(tiny_config("trainer.epochs=1"), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    previous = last.read_bytes()
+    (tmp_path / "checkpoints" / "last.pt.tmp").symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(SetrainError) as raised:
+        train(tiny_config("resume=auto"), tmp_path)
+    assert str(raised.value) == (
+        f"The disk is full: could not write checkpoint {last} (the previous last.pt is intact); free space on "
+        f"it, then continue with resume=auto hydra.run.dir={tmp_path}."
+    )
+    assert last.read_bytes() == previous and load_checkpoint(last)["epoch"] == 1
+    assert sorted(path.name for path in last.parent.iterdir()) == ["best.pt", "last.pt"]
+
+
+# Runs
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_same_dir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    first = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train.py"), *TINY, "data.train_size=4096", "trainer.epochs=50",
+         f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / ".hydra" / "config.yaml").exists():  # written after the lock is taken
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = run_cli(*TINY, "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert first.poll() is None, "the first run ended before the second one started"
+        assert_one_line(
+            second,
+            f"The run directory {run_dir} is in use by another setrain process; wait for it to end, or choose "
+            "another hydra.run.dir.",
+        )
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    os.close(lock_run_dir(run_dir))  # the kernel released the killed process's lock
+
+
+def test_the_run_dir_lock_excludes_a_second_holder_until_the_first_closes(tmp_path):
+    descriptor = lock_run_dir(tmp_path / "run")
+    with pytest.raises(SetrainError, match="is in use by another setrain process"):
+        lock_run_dir(tmp_path / "run")
+    os.close(descriptor)
+    os.close(lock_run_dir(tmp_path / "run"))
+    assert [path.name for path in tmp_path.iterdir()] == ["run"] and not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.slow
+def test_hydra_full_error_shows_the_traceback(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *TINY, "model.se.reduction=32", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "setrain.errors.SetrainError: SE reduction ratio r=32 is too large" in result.stderr
