@@ -1,0 +1,268 @@
+"""Write docs/reliability.md: every mistake of the reliability battery run through `python train.py`,
+with the message it printed and the test that holds it to that (about 6 minutes on 2 cores).
+
+    python scripts/reliability_table.py              # writes docs/reliability.md
+    python scripts/reliability_table.py --no-write   # prints only
+
+Each case runs in a fresh folder and paths are shown relative to it, as if typed in the project
+directory; the messages are what the CLI printed, never written by hand. A case whose test is
+missing from tests/ stops the script, so the table cannot cite a test that does not exist.
+"""
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from formats import write_cifar10, write_image_folder, write_stl10  # noqa: E402
+
+DOCS = REPO_ROOT / "docs" / "reliability.md"
+# Small enough that the runs a case needs first take seconds; not shown in the table.
+TINY = ["data.train_size=64", "data.val_size=32", "data.image_size=16", "data.batch_size=16", "trainer.epochs=2"]
+FOLDER = ["data=folder", "data.image_size=16", "data.val_fraction=0.25", "data.batch_size=4", "data.num_workers=0"]
+
+
+@dataclass
+class Case:
+    what: str
+    args: list[str]
+    test: str  # file::function in tests/
+    setup: Callable[[Path], None] | None = None
+    hidden: list[str] = field(default_factory=list)  # run with these too, not shown
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def cli(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "trainer.device=cpu", *args]  # the last value wins
+    return subprocess.run(command, cwd=root, env={**environment, **(env or {})}, capture_output=True, text=True)
+
+
+def trained(*args: str, run_dir: str = "run") -> Callable[[Path], None]:
+    """A setup that trains a run (`args`, e.g. TINY) into `run_dir` first."""
+
+    def setup(root: Path) -> None:
+        result = cli(root, *args, f"hydra.run.dir={run_dir}")
+        assert result.returncode == 0, result.stderr
+
+    return setup
+
+
+def then(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        for step in setups:
+            step(root)
+
+    return setup
+
+
+def folder_tree(layout: str) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        tree = root / "datasets" / "folder"
+        if layout == "flat":
+            write_image_folder(tree, ["train"], per_class=2)
+        else:
+            write_image_folder(tree / "train", ["cat", "dog", "fox", "owl"], per_class=6)
+        if layout == "empty class":
+            for image in (tree / "train" / "owl").iterdir():
+                image.unlink()
+        if layout == "corrupt image":
+            (tree / "train" / "dog" / "dog_2.png").write_bytes(b"not a png")
+
+    return setup
+
+
+def truncate(path: str, keep: float = 0.5) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        file = root / path
+        file.write_bytes(file.read_bytes()[: int(file.stat().st_size * keep)])
+
+    return setup
+
+
+def write(path: str, make: Callable[[Path], None]) -> Callable[[Path], None]:
+    return lambda root: make(root / path)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (open, ("code_ran", "w"))
+
+
+def drop_class(root: Path) -> None:
+    for image in (root / "datasets" / "folder" / "train" / "owl").iterdir():
+        image.unlink()
+    (root / "datasets" / "folder" / "train" / "owl").rmdir()
+
+
+CASES = {
+    "Config names and keys": [
+        Case("unknown model", ["model=se_resnet51"], "test_reliability.py::test_unknown_name_misspelt_key_and_wrong_type_are_one_line"),
+        Case("unknown dataset", ["data=mnist"], "test_reliability.py::test_configs_hydra_cannot_compose_are_one_sentence"),
+        Case("unknown optimizer", ["optimizer=lamb"], "test_reliability.py::test_configs_hydra_cannot_compose_are_one_sentence"),
+        Case("unknown scheduler", ["scheduler=onecycle"], "test_reliability.py::test_configs_hydra_cannot_compose_are_one_sentence"),
+        Case("unknown experiment", ["experiment=ablation_gates"], "test_reliability.py::test_configs_hydra_cannot_compose_are_one_sentence"),
+        Case("misspelt key", ["trainer.epoch=3"], "test_reliability.py::test_unknown_name_misspelt_key_and_wrong_type_are_one_line"),
+        Case("misspelt SE option", ["model.se.ratio=4"], "test_reliability.py::test_configs_hydra_cannot_compose_are_one_sentence"),
+        Case("key added with `+` that nothing reads", ["+trainer.epoch=3"], "test_reliability.py::test_values_hydra_accepts_but_training_cannot_use_are_refused"),
+        Case("option the dataset does not take", ["+data.val_split=0.1"], "test_reliability.py::test_dataset_options_that_cannot_work_are_refused_before_loading"),
+        Case("SE option on a model without SE", ["model=resnet20", "+model.se.reduction=8"], "test_models.py::test_plain_twin_refuses_se_options"),
+        Case("override that does not parse", ["trainer.epochs=["], "test_reliability.py::test_configs_hydra_cannot_compose_are_one_sentence"),
+        Case("`${...}` that does not resolve", ["trainer.epochs=${oops}"], "test_reliability.py::test_values_hydra_accepts_but_training_cannot_use_are_refused"),
+    ],
+    "Values": [
+        Case("value of the wrong type", ["trainer.epochs=ten"], "test_reliability.py::test_unknown_name_misspelt_key_and_wrong_type_are_one_line"),
+        Case("zero learning rate", ["optimizer.lr=0"], "test_reliability.py::test_values_hydra_accepts_but_training_cannot_use_are_refused"),
+        Case("negative learning rate", ["optimizer.lr=-0.1"], "test_reliability.py::test_values_hydra_accepts_but_training_cannot_use_are_refused"),
+        Case("zero epochs", ["trainer.epochs=0"], "test_engine.py::test_user_errors_are_one_clear_sentence"),
+        Case("batch size 0 or 1", ["data.batch_size=1"], "test_reliability.py::test_dataset_options_that_cannot_work_are_refused_before_loading"),
+        Case("image size too small (every model runs from 8 px, with 2 or more images per batch)", ["data.image_size=4"], "test_reliability.py::test_dataset_options_that_cannot_work_are_refused_before_loading"),
+        Case("reduction ratio of zero", ["model.se.reduction=0"], "test_engine.py::test_user_errors_are_one_clear_sentence"),
+        Case("reduction ratio larger than the narrowest SE layer", ["model.se.reduction=32"], "test_cli.py::test_user_error_is_one_line_without_traceback"),
+        Case("unknown SE gate", ["model.se.gate=softmax"], "test_ablations.py::test_unknown_squeeze_or_gate_lists_the_choices"),
+        Case("CUDA without a GPU", ["trainer.device=cuda"], "test_engine.py::test_cuda_without_a_gpu_is_a_user_error", hidden=TINY),
+        Case("unknown device", ["trainer.device=tpu"], "test_engine.py::test_user_errors_are_one_clear_sentence"),
+        Case("unknown precision", ["trainer.precision=8"], "test_training_options.py::test_option_values_that_cannot_work_are_refused"),
+        Case(
+            "resume on data with another number of classes",
+            [*FOLDER, "resume=auto", "hydra.run.dir=run"],
+            "test_reliability.py::test_checkpoint_for_another_number_of_classes_says_so",
+            setup=then(folder_tree("4 classes"), trained(*FOLDER, "trainer.epochs=1"), drop_class),
+            hidden=["trainer.epochs=2"],
+        ),
+    ],
+    "Data": [
+        Case("missing dataset folder", ["data=imagenet"], "test_cli.py::test_missing_imagenet_is_one_line_naming_the_folder"),
+        Case("missing dataset files", ["data=cifar10"], "test_data.py::test_missing_dataset_says_where_and_how"),
+        Case("wrong layout (images not in class folders)", ["data=folder"], "test_data.py::test_folder_layout_errors_name_the_path_and_the_fix", setup=folder_tree("flat")),
+        Case("empty class folder", ["data=folder", "data.val_fraction=0.25"], "test_data.py::test_folder_layout_errors_name_the_path_and_the_fix", setup=folder_tree("empty class")),
+        Case("no validation folder", ["data=folder"], "test_data.py::test_folder_layout_errors_name_the_path_and_the_fix", setup=folder_tree("4 classes")),
+        Case("corrupt image", FOLDER, "test_cli.py::test_corrupt_image_in_a_worker_is_one_line_naming_the_file", setup=folder_tree("corrupt image"), hidden=["trainer.epochs=1"]),
+        Case("truncated CIFAR batch", ["data=cifar10"], "test_data.py::test_truncated_cifar_batch_is_a_clear_error", setup=then(write("datasets", write_cifar10), truncate("datasets/cifar-10-batches-py/data_batch_3", 0.01))),
+        Case("truncated STL10 binary", ["data=stl10"], "test_data.py::test_truncated_stl10_file_is_a_clear_error", setup=then(write("datasets", write_stl10), truncate("datasets/stl10_binary/train_X.bin", 0.9))),
+        Case("labels outside the classes", ["data=stl10"], "test_reliability.py::test_labels_outside_the_classes_are_refused", setup=then(write("datasets", write_stl10), lambda root: (root / "datasets/stl10_binary/train_y.bin").write_bytes(bytes([1, 11] * 10)))),
+        Case("dataset smaller than one batch", ["data=cifar10", "data.batch_size=64"], "test_data.py::test_file_dataset_smaller_than_one_batch_names_its_root", setup=write("datasets", write_cifar10)),
+    ],
+    "Checkpoints": [
+        Case("missing file", ["resume=missing.pt"], "test_engine.py::test_user_errors_are_one_clear_sentence"),
+        Case("random bytes", ["resume=random.pt"], "test_engine.py::test_unreadable_checkpoints_are_refused", setup=lambda root: (root / "random.pt").write_bytes(os.urandom(4096))),
+        Case("truncated file", ["resume=auto", "hydra.run.dir=run"], "test_cli.py::test_corrupt_checkpoint_is_refused_and_nothing_is_overwritten", setup=then(trained(*TINY), truncate("run/checkpoints/last.pt")), hidden=TINY),
+        Case("weights, not a training checkpoint", ["resume=weights.pt"], "test_engine.py::test_truncated_checkpoint_and_foreign_dict_are_refused", setup=lambda root: torch.save({"fc.weight": torch.zeros(10, 64)}, root / "weights.pt")),
+        Case("pickle that would run code (it does not run: no file `code_ran` appears)", ["resume=evil.pt"], "test_reliability.py::test_checkpoint_whose_pickle_would_run_code_is_refused_through_the_cli", setup=lambda root: torch.save({"model": RunsCode(), "optimizer": {}, "scheduler": {}, "epoch": 1}, root / "evil.pt")),
+        Case("checkpoint of another model", ["resume=plain/checkpoints/last.pt"], "test_reliability.py::test_resume_from_a_checkpoint_of_another_model_is_refused_unless_forced", setup=trained(*TINY, "model=resnet20", run_dir="plain"), hidden=TINY),
+        Case("... and forced anyway", ["resume=plain/checkpoints/last.pt", "resume_force=true"], "test_reliability.py::test_resume_from_a_checkpoint_of_another_model_is_refused_unless_forced", setup=trained(*TINY, "model=resnet20", run_dir="plain"), hidden=TINY),
+        Case("unreadable pretrained weights", ["model.pretrained=broken.pt"], "test_pretrained.py::test_cli_trains_from_imported_weights", setup=lambda root: (root / "broken.pt").write_bytes(b"not a torch file")),
+    ],
+    "Output": [
+        Case("run directory that cannot be made", ["hydra.run.dir=notes.txt/run"], "test_reliability.py::test_run_dir_that_cannot_be_made_is_one_line", setup=lambda root: (root / "notes.txt").write_text("a file")),
+        Case("new run in a run directory that holds a run", ["hydra.run.dir=run"], "test_reliability.py::test_a_run_dir_holding_a_run_is_only_continued_with_its_model_and_data", setup=trained(*TINY), hidden=TINY),
+        Case("resume in it with another model", ["model=resnet20", "resume=auto", "hydra.run.dir=run"], "test_reliability.py::test_a_run_dir_holding_a_run_is_only_continued_with_its_model_and_data", setup=trained(*TINY), hidden=TINY),
+        Case("disk full while writing a checkpoint", ["resume=auto", "trainer.epochs=3", "hydra.run.dir=run"], "test_reliability.py::test_disk_full_while_saving_keeps_the_previous_checkpoint", setup=then(trained(*TINY), lambda root: (root / "run/checkpoints/last.pt.tmp").symlink_to("/dev/full")), hidden=TINY),
+    ],
+    "Runs": [
+        Case("second run in a run directory in use", ["resume=auto", "hydra.run.dir=run"], "test_reliability.py::test_a_second_run_in_the_same_dir_is_refused_and_a_killed_run_leaves_no_lock", hidden=TINY),
+        Case("loss that diverges", ["optimizer.lr=1e30"], "test_fault_tolerance.py::test_diverging_run_stops_with_one_sentence_and_writes_no_checkpoint", hidden=TINY),
+        Case("`HYDRA_FULL_ERROR=1`: the traceback instead of the sentence", ["model.se.reduction=32"], "test_reliability.py::test_hydra_full_error_shows_the_traceback", env={"HYDRA_FULL_ERROR": "1"}),
+    ],
+}  # fmt: skip
+
+
+def second_run_while_first_trains(root: Path, case: Case) -> subprocess.CompletedProcess:
+    """The case of two runs at once: start a long run, then the case's run in the same dir."""
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "trainer.device=cpu", *TINY, "data.train_size=4096",
+               "trainer.epochs=50", "hydra.run.dir=run"]  # fmt: skip
+    first = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (root / "run" / ".hydra" / "config.yaml").exists():
+            assert first.poll() is None
+            time.sleep(0.05)
+        return cli(root, *case.hidden, *case.args)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def seen(result: subprocess.CompletedProcess, root: Path) -> str:
+    lines = result.stderr.strip().splitlines()
+    if result.returncode == 0:
+        text = "(no error: it trained)"
+    elif len(lines) == 1:
+        text = lines[0]
+    else:
+        text = f"a traceback ending in `{lines[-1]}`" if "Traceback" in result.stderr else " ".join(lines)
+    text = text.replace(f"{root}/", "").replace(str(root), ".")
+    return text if result.returncode in (0, 1) else f"{text} (exit status {result.returncode})"
+
+
+def check_tests_exist() -> None:
+    for cases in CASES.values():
+        for case in cases:
+            file, function = case.test.split("::")
+            assert f"def {function}(" in (REPO_ROOT / "tests" / file).read_text(), case.test
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    check_tests_exist()
+    lines = [
+        "# Reliability: what a mistake prints",
+        "",
+        "Every case below was run through `python train.py` (with `trainer.device=cpu`) by",
+        "`python scripts/reliability_table.py`, which wrote this file: the message is what it printed",
+        "on stderr, with paths relative to the folder it ran in, and it exited with status 1 (another",
+        "status would be shown). The test named beside each case holds setrain to that message.",
+        "",
+    ]
+    for section, cases in CASES.items():
+        lines += [f"## {section}", "", "| case | command | what the user sees | test |", "|---|---|---|---|"]
+        for case in cases:
+            with tempfile.TemporaryDirectory() as folder:
+                root = Path(folder).resolve()
+                if case.setup:
+                    case.setup(root)
+                if case.test.endswith("a_killed_run_leaves_no_lock"):
+                    result = second_run_while_first_trains(root, case)
+                else:
+                    result = cli(root, *case.hidden, *case.args, env=case.env)
+                message = seen(result, root)
+                if "code_ran" in case.what:
+                    assert not (root / "code_ran").exists()
+            env = "".join(f"{key}={value} " for key, value in case.env.items())
+            command = f"`{env}python train.py {shlex.join(case.args)}`"
+            message = message.replace("|", "\\|")
+            lines.append(f"| {case.what} | {command} | {message} | `{case.test}` |")
+            print(lines[-1], flush=True)
+        lines.append("")
+    lines += [
+        "## Killed runs",
+        "",
+        "Nothing to fix: `resume=auto` continues from the last checkpoint and ends bitwise identical to",
+        "a run that was never interrupted; see `test_fault_tolerance.py::test_run_killed_with_sigkill_resumes_to_identical_weights`",
+        "(`kill -9` during an epoch), `test_engine.py::test_a_checkpoint_write_cut_short_leaves_last_pt_to_resume_from`",
+        "(killed while writing a checkpoint) and",
+        "`test_fault_tolerance.py::test_sigterm_saves_and_a_swept_again_multirun_skips_finished_jobs_and_resumes_the_rest`",
+        "(SIGTERM saves a checkpoint and exits with 143). A killed run holds no lock: the kernel releases",
+        "it with the process.",
+        "",
+    ]
+    if args.no_write:
+        return
+    DOCS.write_text("\n".join(lines))
+    print(f"wrote {DOCS}")
+
+
+if __name__ == "__main__":
+    main()
