@@ -121,7 +121,7 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
     val_images = val_set
     while isinstance(val_images, Subset):  # a held-out split, a process's share
         val_images = val_images.dataset
-    classes = getattr(val_images, "classes", None)  # STL10 has them only with class_names.txt
+    classes = getattr(val_images, "classes", None)  # torchvision's names, where a dataset has them
     return DataBundle(
         train_loader, val_loader, num_classes, generator,
         val_transform=val_images.transform, classes=None if classes is None else list(classes), rank=rank,
