@@ -29,12 +29,7 @@ from setrain.errors import SetrainError
 from setrain.models import create_model
 
 CPU = torch.device("cpu")
-MODELS = (
-    "mobilenet_v1, resnet101, resnet110, resnet152, resnet18, resnet18_cifar, resnet20, resnet32, resnet34, "
-    "resnet50, resnet56, resnext101_32x4d, resnext152_64x4d, resnext50_32x4d, se_mobilenet_v1, se_resnet101, "
-    "se_resnet110, se_resnet152, se_resnet18, se_resnet20, se_resnet32, se_resnet34, se_resnet50, se_resnet56, "
-    "se_resnext101_32x4d, se_resnext50_32x4d, senet154, senet18_cifar"
-)
+MODELS = ", ".join(sorted(path.stem for path in (REPO_ROOT / "configs" / "model").glob("*.yaml")))
 
 
 def assert_one_line(result: subprocess.CompletedProcess, message: str) -> None:
@@ -51,7 +46,10 @@ def checked(*overrides: str) -> None:
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
             del cfg["hydra"]
-        check_values(cfg)
+        try:
+            check_values(cfg)
+        finally:
+            HydraConfig.instance().cfg = None
 
 
 # Config names and keys
