@@ -11,6 +11,7 @@ missing from tests/ stops the script, so the table cannot cite a test that does 
 
 import argparse
 import os
+import random
 import shlex
 import signal
 import subprocess
@@ -156,7 +157,7 @@ CASES = {
     ],
     "Checkpoints": [
         Case("missing file", ["resume=missing.pt"], "test_engine.py::test_user_errors_are_one_clear_sentence"),
-        Case("random bytes", ["resume=random.pt"], "test_engine.py::test_unreadable_checkpoints_are_refused", setup=lambda root: (root / "random.pt").write_bytes(os.urandom(4096))),
+        Case("random bytes", ["resume=random.pt"], "test_engine.py::test_unreadable_checkpoints_are_refused", setup=lambda root: (root / "random.pt").write_bytes(random.Random(0).randbytes(4096))),
         Case("truncated file", ["resume=auto", "hydra.run.dir=run"], "test_cli.py::test_corrupt_checkpoint_is_refused_and_nothing_is_overwritten", setup=then(trained(*TINY), truncate("run/checkpoints/last.pt")), hidden=TINY),
         Case("weights, not a training checkpoint", ["resume=weights.pt"], "test_engine.py::test_truncated_checkpoint_and_foreign_dict_are_refused", setup=lambda root: torch.save({"fc.weight": torch.zeros(10, 64)}, root / "weights.pt")),
         Case("pickle that would run code (it does not run: no file `code_ran` appears)", ["resume=evil.pt"], "test_reliability.py::test_checkpoint_whose_pickle_would_run_code_is_refused_through_the_cli", setup=lambda root: torch.save({"model": RunsCode(), "optimizer": {}, "scheduler": {}, "epoch": 1}, root / "evil.pt")),
