@@ -1,5 +1,6 @@
 """The engine in-process on tiny shapes runs: checkpoints, determinism, errors a user can cause."""
 
+import errno
 import json
 import pickle
 
@@ -241,3 +242,13 @@ def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_co
     with pytest.raises(SetrainError, match="training loss became (nan|inf).*lower the learning rate"):
         train(tiny_config("optimizer.lr=1e30"), tmp_path)
     assert last.read_bytes() == good
+
+
+def test_a_full_disk_when_writing_results_is_one_sentence(tiny_config, tmp_path, monkeypatch):
+    def disk_is_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer.Path, "write_text", disk_is_full)  # only results.json uses it
+    with pytest.raises(SetrainError, match="Could not write .*results.json \\(No space left on device\\); the checkpoints are saved"):
+        train(tiny_config("trainer.epochs=1"), tmp_path)
+    assert (tmp_path / "checkpoints" / "last.pt").is_file() and not list(tmp_path.glob("results.json*"))

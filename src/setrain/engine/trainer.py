@@ -107,9 +107,17 @@ def _resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
 
 
 def _write_json(data: dict, path: Path) -> None:
+    """Atomically, like checkpoints; a failed write (a full disk) is one sentence."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise SetrainError(
+            f"Could not write {path} ({error.strerror or error}); the checkpoints are saved, so free "
+            f"space or make {path.parent} writable, then rerun with resume=auto hydra.run.dir={path.parent}."
+        ) from error
 
 
 def _check_finite(loss: float, where: str) -> None:
