@@ -1,175 +1,474 @@
 """Training speed of setrain's SE models against their plain twins and timm's equivalents.
 
-    python scripts/bench_train.py            # prints the table, writes docs/benchmarks.md
-    python scripts/bench_train.py --no-write --steps 5
+    python scripts/bench_train.py   # 10-20 minutes on 2 shared CPU cores; writes docs/benchmarks.md
+    python scripts/bench_train.py --no-write --rounds 3 --skip-startup
+    python scripts/bench_train.py --profile  # where the step time goes, op by op (one thread)
 
-All models run in one process, interleaved (A B C D, A B C D, ...), so a slow moment of a shared
-machine hits them all alike; each figure is the median over rounds of the mean step time.
-A step is forward, cross-entropy, backward and an SGD step on random inputs. Also measured:
-CPU inference latency at batch 1 and 224 px. On CUDA (when there is one) bf16 autocast is added.
+Two groups, each of four models: setrain's SE-ResNet-50 and ResNet-50 beside timm's seresnet50
+and resnet50 (96 px), and setrain's CIFAR SENet-18 and its twin beside timm's (se)resnet18 given
+the same 3x3 stem (32 px). The models of a group run in one process, interleaved (A B C D, A B C D,
+...), so a slow moment of a shared machine hits them all alike. Each round first waits (up to
+--quiet-wait seconds) until the CPU is idle, and every ratio is taken within a round, then reported
+as the median over rounds with its range. A step is forward, cross-entropy, backward and an SGD
+step on random inputs. Measured per model: ms per step, images/s, peak memory of a step, and the
+FLOP/s reached (conv and matmul FLOPs counted by torch.utils.flop_counter; the model FLOP
+utilisation against the GPU's peak when there is one). Also: CPU inference latency at batch 1 and
+224 px, and the time from `python train.py` (default config, CPU) to its first training step.
+On CUDA (when there is one) a bf16 autocast setting is added.
 """
 
 import argparse
+import ctypes
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import timm
 import torch
+from timm.layers import SEModule
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from setrain.models import create_model
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Training speed"
 
-# (label, builder): setrain models and the timm models with the same architecture.
-IMAGENET_GROUP = [
-    ("setrain se_resnet50", lambda: create_model("se_resnet50")),
-    ("setrain resnet50", lambda: create_model("resnet50")),
-    ("timm seresnet50", lambda: timm.create_model("seresnet50")),
-    ("timm resnet50", lambda: timm.create_model("resnet50")),
-]
-CIFAR_GROUP = [
-    ("setrain se_resnet20", lambda: create_model("se_resnet20")),
-    ("setrain resnet20", lambda: create_model("resnet20")),
-]
+# timm's SE width is C/16 rounded up to a multiple of 8; rd_divisor=1 gives the paper's C//16,
+# which is setrain's (for ResNet-50 both are the same).
+TIMM_SE = dict(block_args=dict(attn_layer=partial(SEModule, rd_divisor=1)))
 
 
-def train_step_time(model, batch, device, channels_last, autocast_dtype, steps):
-    """Mean seconds per training step over `steps` steps (after the caller's warm-up)."""
-    images, labels = batch
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion = nn.CrossEntropyLoss()
+def timm_cifar(name: str, **kwargs) -> nn.Module:
+    """timm's ResNet-18 with the CIFAR stem of setrain's senet18_cifar: a 3x3 stride-1 conv, no max pool."""
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+# (name, input size, [(label, builder)]): setrain's SE model, its twin, timm's SE model, timm's twin.
+GROUPS = [
+    ("SE-ResNet-50", None, [
+        ("setrain se_resnet50", lambda: create_model("se_resnet50")),
+        ("setrain resnet50", lambda: create_model("resnet50")),
+        ("timm seresnet50", lambda: timm.create_model("seresnet50")),
+        ("timm resnet50", lambda: timm.create_model("resnet50")),
+    ]),
+    ("SENet-18 (CIFAR)", 32, [
+        ("setrain senet18_cifar", lambda: create_model("senet18_cifar")),
+        ("setrain resnet18_cifar", lambda: create_model("resnet18_cifar")),
+        ("timm seresnet18, CIFAR stem", lambda: timm_cifar("resnet18", **TIMM_SE)),
+        ("timm resnet18, CIFAR stem", lambda: timm_cifar("resnet18")),
+    ]),
+]  # fmt: skip
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the MFU.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
+
+# Run by the startup measurement: train.py itself, stopped at the first forward of any module.
+STARTUP_PROBE = """
+import os, runpy, sys, time
+import hydra, setrain.cli  # what train.py imports first
+print("mark imported", time.time(), flush=True)
+import torch
+def first_step(module, args):
+    print("mark first-step", time.time(), flush=True)
+    os._exit(0)
+torch.nn.modules.module.register_module_forward_pre_hook(first_step)
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of the machine's CPU time spent busy over `interval` seconds (Linux /proc/stat)."""
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    total, idle = read()
+    time.sleep(interval)
+    total_after, idle_after = read()
+    return 1 - (idle_after - idle) / max(1, total_after - total)
+
+
+def wait_until_quiet(max_wait: float, threshold: float = 0.2) -> float:
+    """Wait until other processes leave the CPU idle (or `max_wait` s pass); the busy fraction seen."""
+    if not Path("/proc/stat").exists() or max_wait <= 0:
+        return float("nan")
+    deadline = time.monotonic() + max_wait
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        busy = cpu_busy()
+    return busy
+
+
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
+
+
+class Trainee:
+    """A model with its optimizer and a fixed random batch, ready to take training steps."""
+
+    def __init__(self, build, batch, device, memory_format, autocast_dtype):
+        self.model = build().to(device, memory_format=memory_format).train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.images, self.labels = batch
+        self.device, self.autocast_dtype = device, autocast_dtype
+        self.criterion = nn.CrossEntropyLoss()
+
+    def step(self) -> None:
+        dtype = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            loss = self.criterion(self.model(self.images), self.labels)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / steps
+        self.optimizer.step()
+
+    def seconds_per_step(self, steps: int) -> float:
+        synchronize(self.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        synchronize(self.device)
+        return (time.perf_counter() - started) / steps
+
+    def flops_per_step(self) -> int:
+        """Conv and matmul FLOPs of one step, forward and backward (elementwise ops not counted)."""
+        with FlopCounterMode(display=False) as counter:
+            self.step()
+        return counter.get_total_flops()
+
+    def peak_memory_mb(self) -> float:
+        """Memory one step needs above what the process held before it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self.step()
+            return (torch.cuda.max_memory_allocated() - before) / 2**20
+        if not Path("/proc/self/clear_refs").exists():
+            return float("nan")
+        release_freed_memory()
+        before = status_mb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set size, VmHWM
+        self.step()
+        return status_mb("VmHWM") - before
 
 
-def interleaved(group, measure, rounds):
-    """Median over `rounds` of `measure(model)`, the models taking turns within each round."""
-    times = {label: [] for label, _ in group}
-    models = {label: build() for label, build in group}
-    for label, model in models.items():  # warm-up: allocator, oneDNN/cuDNN kernel choice
-        measure(model)
-    for _ in range(rounds):
-        for label, model in models.items():
-            times[label].append(measure(model))
-    return {label: statistics.median(values) for label, values in times.items()}
+def status_mb(key: str) -> float:
+    """A memory figure of this process from /proc/self/status (Linux), in MiB."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(key))
+    return int(line.split()[1]) / 1024
 
 
-def training_rows(group, size, batch_size, device, channels_last, autocast_dtype, steps, rounds):
+def release_freed_memory() -> None:
+    """Give the memory glibc keeps from freed tensors back to the OS (malloc_trim), so that a step
+    reusing it shows in the resident set size again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak then misses reused memory
+        pass
+
+
+# The CPU busy fraction (other processes' share) seen at the start of each round, for the report.
+busy_at_round_start: list[float] = []
+
+
+def interleaved(measures: dict, rounds: int, quiet_wait: float) -> dict[str, list[float]]:
+    """`rounds` values of each measure, the measures taking turns within each round.
+
+    The first round is a warm-up (allocator, oneDNN/cuDNN kernel choice) and is not kept."""
+    values = {label: [] for label in measures}
+    for round_index in range(rounds + 1):
+        if round_index > 0:
+            busy_at_round_start.append(wait_until_quiet(quiet_wait))
+        for label, measure in measures.items():
+            value = measure()
+            if round_index > 0:
+                values[label].append(value)
+    return values
+
+
+def ratio(values: dict, numerator: str, denominator: str) -> tuple[float, float, float]:
+    """Median over rounds of the per-round ratio numerator / denominator, with its min and max."""
+    per_round = [a / b for a, b in zip(values[numerator], values[denominator])]
+    return statistics.median(per_round), min(per_round), max(per_round)
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def trainees(group, size, args, device, setting) -> dict[str, Trainee]:
+    _, channels_last, autocast_dtype = setting
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    images = torch.randn(batch_size, 3, size, size, device=device).to(memory_format=memory_format)
-    labels = torch.randint(0, 10, (batch_size,), device=device)  # every model has >= 10 classes
-
-    def measure(model):
-        model.to(device, memory_format=memory_format).train()
-        return train_step_time(model, (images, labels), device, channels_last, autocast_dtype, steps)
-
-    return interleaved(group, measure, rounds)
+    images = torch.randn(args.batch_size, 3, size, size, device=device).to(memory_format=memory_format)
+    labels = torch.randint(0, 10, (args.batch_size,), device=device)  # every model has >= 10 classes
+    return {
+        label: Trainee(build, (images, labels), device, memory_format, autocast_dtype)
+        for label, build in group
+    }
 
 
-def inference_latency(group, rounds, steps):
-    """Median ms per image at batch 1, 224 px, eval mode, CPU, channels_last."""
+def step_times(group, size, args, device, setting) -> dict[str, list[float]]:
+    """Seconds per training step of each model of a group, per round."""
+    models = trainees(group, size, args, device, setting)
+    times = interleaved(
+        {label: partial(t.seconds_per_step, args.steps) for label, t in models.items()},
+        args.rounds, args.quiet_wait,
+    )  # fmt: skip
+    medians = {label: f"{1000 * statistics.median(v):.0f} ms" for label, v in times.items()}
+    print(setting[0], medians, flush=True)
+    return times
+
+
+def step_figures(group, size, args, device, setting) -> dict[str, tuple[float, int]]:
+    """Peak memory (MiB) and FLOPs of one training step of each model of a group."""
+    figures = {}
+    for label, build in group:  # one model at a time
+        trainee = trainees([(label, build)], size, args, device, setting)[label]
+        trainee.step()  # warm-up
+        figures[label] = trainee.peak_memory_mb(), trainee.flops_per_step()
+    return figures
+
+
+def inference_times(group, args) -> dict[str, list[float]]:
+    """Seconds per image of batch-1, 224 px CPU inference (eval mode, channels_last), per round."""
     image = torch.randn(1, 3, 224, 224).to(memory_format=torch.channels_last)
+    models = {label: build().eval().to(memory_format=torch.channels_last) for label, build in group}
 
-    def measure(model):
-        model.eval().to(memory_format=torch.channels_last)
+    def latency(model, steps=5):
         with torch.inference_mode():
             started = time.perf_counter()
             for _ in range(steps):
                 model(image)
         return (time.perf_counter() - started) / steps
 
-    return interleaved(group, measure, rounds)
+    return interleaved(
+        {label: partial(latency, model) for label, model in models.items()}, args.rounds, args.quiet_wait
+    )
 
 
-def ratio_line(times, numerator, denominator, target):
-    value = times[numerator] / times[denominator]
-    verdict = "met" if value <= target else "not met"
-    return f"| {numerator} / {denominator} | {value:.3f} | ≤ {target} | {verdict} |"
+def startup(runs: int, quiet_wait: float) -> dict:
+    """Seconds from starting `python train.py trainer.device=cpu` (default config) to the imports
+    done and to its first training step: per run, the median taken by the caller."""
+    results = {"imports": [], "first step": []}
+    with tempfile.TemporaryDirectory() as run_dir:
+        for run in range(runs):
+            wait_until_quiet(quiet_wait)
+            started = time.time()
+            output = subprocess.run(
+                [sys.executable, "-c", STARTUP_PROBE, "trainer.device=cpu", f"hydra.run.dir={run_dir}/{run}"],
+                cwd=REPO, capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            mark_lines = (line.split() for line in output.splitlines() if line.startswith("mark "))
+            marks = {name: float(seconds) for _, name, seconds in mark_lines}
+            results["imports"].append(float(marks["imported"]) - started)
+            results["first step"].append(float(marks["first-step"]) - started)
+    return results
+
+
+def op_profile(group, args, device, threads: int = 1, rows: int = 16) -> str:
+    """A markdown table of self CPU time (ms per step, median over `args.rounds` interleaved
+    steps) and calls per step of the ops that take the most time, per model of `group`, in fp32
+    channels_last, from torch.profiler. One thread: op times then add up to the step's CPU time,
+    and suffer less from other processes than multi-threaded wall time does."""
+    torch.set_num_threads(threads)
+    setting = ("fp32 channels_last", True, None)
+    models = trainees(group, args.size, args, device, setting)
+    samples = {label: [] for label in models}  # per model, per round: {op: (self ms, calls)}
+    for trainee in models.values():
+        trainee.step()  # warm-up
+    for _ in range(args.rounds):
+        wait_until_quiet(args.quiet_wait)
+        for label, trainee in models.items():
+            with torch.profiler.profile() as profiler:
+                trainee.step()
+            samples[label].append(
+                {e.key: (e.self_cpu_time_total / 1000, e.count) for e in profiler.key_averages()}
+            )
+
+    def median_op(label, key) -> tuple[float, int]:
+        values = [ops.get(key, (0.0, 0)) for ops in samples[label]]
+        return statistics.median(ms for ms, _ in values), max(calls for _, calls in values)
+
+    keys = {key for rounds in samples.values() for ops in rounds for key in ops}
+    ordered = sorted(keys, key=lambda key: -max(median_op(label, key)[0] for label in models))
+    lines = [
+        "| op | " + " | ".join(f"{label}: ms, calls" for label in models) + " |",
+        "|---|" + "---:|" * len(models),
+    ]
+    for key in ordered[:rows]:
+        cells = (median_op(label, key) for label in models)
+        lines.append(f"| {key} | " + " | ".join(f"{ms:.1f}, {calls}" for ms, calls in cells) + " |")
+    totals = (statistics.median(sum(ms for ms, _ in ops.values()) for ops in r) for r in samples.values())
+    lines.append("| all ops (median step) | " + " | ".join(f"{ms:.1f}" for ms in totals) + " |")
+    return "\n".join(lines)
+
+
+def ratio_row(what: str, values: dict, numerator: str, denominator: str, target: float | None) -> str:
+    value, low, high = ratio(values, numerator, denominator)
+    verdict = "" if target is None else ("met" if value <= target else "not met")
+    target_text = "—" if target is None else f"≤ {target}"
+    return (
+        f"| {what}: {numerator} / {denominator} | {value:.3f} | {low:.3f}–{high:.3f} | {target_text} "
+        f"| {verdict} |"
+    )
+
+
+def write_section(text: str) -> None:
+    """Replace the measured part of the section in docs/benchmarks.md: its ### subsections (the
+    notes on what the profile shows) and the other sections stay."""
+    existing = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
+    before, _, rest = existing.partition(SECTION)
+    end = rest.find("\n## ")
+    section, after = (rest[:end], rest[end + 1:]) if end >= 0 else (rest, "")
+    notes = section[section.find("\n### ") + 1:].rstrip() + "\n" if "\n### " in section else ""
+    DOCS.write_text(
+        before.rstrip() + "\n\n" + text + ("\n" + notes if notes else "") + ("\n" + after if after else "")
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="training steps per measurement")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per model")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--size", type=int, default=96, help="ImageNet models' input size")
+    parser.add_argument("--size", type=int, default=96, help="the ImageNet models' input size")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=15, help="most seconds to wait for an idle CPU per round"
+    )
+    parser.add_argument("--startup-runs", type=int, default=5)
+    parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="print the op-level CPU profile of the SE-ResNet-50 group (one thread) and stop",
+    )  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
+    if args.profile:
+        print(op_profile(GROUPS[0][2], args, torch.device("cpu")))
+        return
 
     settings = [("fp32", False, None), ("fp32 channels_last", True, None)]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         settings.append(("bf16 channels_last", True, torch.bfloat16))
 
-    lines = [
-        "| setting | model | input | ms / step | images/s |",
-        "|---|---|---|---:|---:|",
-    ]
-    ratios = ["| ratio (train step time) | value | target | |", "|---|---:|---|---|"]
-    for name, channels_last, autocast_dtype in settings:
-        for group, size in ((IMAGENET_GROUP, args.size), (CIFAR_GROUP, 32)):
-            times = training_rows(
-                group, size, args.batch_size, device, channels_last, autocast_dtype, args.steps, args.rounds
-            )
-            for label, seconds in times.items():
-                lines.append(
-                    f"| {name} | {label} | {args.batch_size}x{size} px | {1000 * seconds:.1f} | "
-                    f"{args.batch_size / seconds:.1f} |"
-                )
-                print(lines[-1], flush=True)
-            if group is IMAGENET_GROUP:
-                target_se = 1.05 if channels_last else 1.10
-                ratios.append(ratio_line(times, "setrain se_resnet50", "setrain resnet50", target_se).replace("| setrain se", f"| {name}: setrain se", 1))
-                ratios.append(ratio_line(times, "setrain se_resnet50", "timm seresnet50", 0.95).replace("| setrain se", f"| {name}: setrain se", 1))
-                ratios.append(ratio_line(times, "timm seresnet50", "timm resnet50", 1.16).replace("| timm se", f"| {name}: timm se", 1))
+    # Timings first; then peak memory and FLOPs, from one more step of each model.
+    times = {
+        (setting, group_name): step_times(group, size or args.size, args, device, setting)
+        for setting in settings
+        for group_name, size, group in GROUPS
+    }
+    imagenet_group = GROUPS[0][2]
+    latency = inference_times(imagenet_group, args)
+    seconds_to_start = None if args.skip_startup else startup(args.startup_runs, args.quiet_wait)
 
-    latency = inference_latency(IMAGENET_GROUP, args.rounds, steps=5)
-    latency_lines = ["| model | ms / image |", "|---|---:|"] + [
-        f"| {label} | {1000 * seconds:.1f} |" for label, seconds in latency.items()
+    lines = [
+        "| setting | model | input | ms / step | images/s | peak MiB | GFLOP/s | MFU |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
-    ratios.append(ratio_line(latency, "setrain se_resnet50", "setrain resnet50", 1.02).replace("| setrain se", "| CPU inference, batch 1, 224 px: setrain se", 1))
+    ratios = [
+        "| ratio of step times (per round; median, range) | value | range | target | |",
+        "|---|---:|---|---|---|",
+    ]
+    for setting in settings:
+        name, channels_last, autocast_dtype = setting
+        peak_tf = peak_tflops(device) if autocast_dtype is not None else None
+        for group_name, size, group in GROUPS:
+            size = size or args.size
+            figures = step_figures(group, size, args, device, setting)
+            seconds = times[setting, group_name]
+            for label, _ in group:
+                median = statistics.median(seconds[label])
+                memory, flops = figures[label]
+                tflops = flops / median / 1e12
+                utilisation = f"{100 * tflops / peak_tf:.1f}%" if peak_tf else "n/a"
+                lines.append(
+                    f"| {name} | {label} | {args.batch_size}x{size} px | {1000 * median:.1f} | "
+                    f"{args.batch_size / median:.1f} | {memory:,.0f} | {1000 * tflops:,.0f} | {utilisation} |"
+                )
+            se, twin, timm_se, timm_twin = (label for label, _ in group)
+            overhead_target = 1.05 if channels_last and group_name == "SE-ResNet-50" else None
+            timm_target = 0.95 if group_name == "SE-ResNet-50" else None
+            if autocast_dtype is not None:  # on the GPU: images/s at least timm's
+                overhead_target, timm_target = None, 1.0
+            ratios.append(ratio_row(f"{name}, SE overhead", seconds, se, twin, overhead_target))
+            ratios.append(ratio_row(f"{name}, against timm", seconds, se, timm_se, timm_target))
+            ratios.append(ratio_row(f"{name}, timm's SE overhead", seconds, timm_se, timm_twin, None))
+            ratios.append(ratio_row(f"{name}, plain twins", seconds, twin, timm_twin, None))
+
+    latency_rows = [f"| {label} | {1000 * statistics.median(v):.1f} |" for label, v in latency.items()]
+    se, twin, timm_se, _ = (label for label, _ in imagenet_group)
+    ratios.append(ratio_row("CPU inference, batch 1, 224 px, SE overhead", latency, se, twin, 1.02))
+    ratios.append(ratio_row("CPU inference, batch 1, 224 px, against timm", latency, se, timm_se, None))
+
+    startup_lines = []
+    if seconds_to_start is not None:
+        imports, first = seconds_to_start["imports"], seconds_to_start["first step"]
+        verdict = "met" if statistics.median(first) <= 5 else "not met"
+        startup_lines = [
+            "| `python train.py trainer.device=cpu` (default config), from process start | median | range "
+            "| target | |",
+            "|---|---:|---|---|---|",
+            f"| imports done (hydra, setrain, torch) | {statistics.median(imports):.2f} s | "
+            f"{min(imports):.2f}–{max(imports):.2f} s | | |",
+            f"| first training step | {statistics.median(first):.2f} s | "
+            f"{min(first):.2f}–{max(first):.2f} s | ≤ 5 s | {verdict} |",
+            "",
+        ]
 
     load = os.getloadavg()[0]
+    busy = busy_at_round_start or [float("nan")]
+    quiet = sum(b <= 0.2 for b in busy)
+    where = f"{os.cpu_count()} CPU cores ({platform.machine()})"
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)} and {where}"
     text = "\n".join([
         SECTION,
         "",
-        f"Measured by `python scripts/bench_train.py` on {os.cpu_count()} CPU cores "
-        f"({platform.machine()}), device {device}, torch {torch.__version__}, timm {timm.__version__}; "
-        f"1-minute load average {load:.1f} at the end. Interleaved, median of {args.rounds} rounds of "
-        f"{args.steps} steps, batch {args.batch_size}.",
+        f"Measured by `python scripts/bench_train.py` on {where}, device {device}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}; 1-minute load average {load:.1f} at the end. Interleaved, "
+        f"median of {args.rounds} rounds of {args.steps} steps, batch {args.batch_size}; each round "
+        f"waited up to {args.quiet_wait:.0f} s for an idle CPU; {quiet} of {len(busy)} rounds "
+        f"started on one (under 20% busy), the CPU's median busy share at round start was "
+        f"{statistics.median(busy):.0%}.",
         "",
         *lines,
         "",
         "CPU inference latency, batch 1, 224 px, channels_last, eval mode:",
         "",
-        *latency_lines,
+        "| model | ms / image |",
+        "|---|---:|",
+        *latency_rows,
         "",
         *ratios,
         "",
-    ])
+        *startup_lines,
+    ])  # fmt: skip
     print(text)
     if not args.no_write:
-        existing = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-        before, _, rest = existing.partition(SECTION)
-        after = rest[rest.find("\n## ") + 1:] if "\n## " in rest else ""
-        DOCS.write_text(before.rstrip() + "\n\n" + text + ("\n" + after if after else ""))
+        write_section(text)
         print(f"wrote {DOCS}")
 
 

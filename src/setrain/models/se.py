@@ -73,8 +73,8 @@ class SEBlock(nn.Module):
         The mean is a sum divided on the small (N, C) result rather than `x.mean`: both give the
         same values, but the backward of `mean` writes a new gradient as large as `x` (its
         broadcast divided by H*W), while that of `sum` is a broadcast view, added in place to the
-        scale's gradient. That is one full pass over the feature map fewer per block, about a
-        third of SE's training overhead on CPU (docs/benchmarks.md).
+        scale's gradient: one pass over the feature map fewer per block in training
+        (docs/benchmarks.md, Training speed).
         """
         if self.squeeze == "max":
             return x.amax(dim=(2, 3))
