@@ -1,6 +1,6 @@
 """Training speed of setrain's SE models against their plain twins and timm's equivalents.
 
-    python scripts/bench_train.py   # 10-20 minutes on 2 shared CPU cores; writes docs/benchmarks.md
+    python scripts/bench_train.py   # about 10 minutes on 2 idle CPU cores; writes docs/benchmarks.md
     python scripts/bench_train.py --no-write --rounds 3 --skip-startup
     python scripts/bench_train.py --profile  # where the step time goes, op by op (one thread)
 
