@@ -304,6 +304,8 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
                     if processes.is_main:
                         save_checkpoint(checkpoint_state(epoch - 1, totals), checkpoint_dir / "last.pt")
                 if stopping:
+                    if writer is not None:
+                        writer.close()  # keep the per-step curves written since the last epoch
                     raise RunStopped(
                         stop.signal_name or "SIGTERM",
                         f"Stopped by {stop.signal_name or 'another process'} at {progress}, step "
