@@ -16,7 +16,8 @@ step, images/s, peak memory of a step, and the FLOP/s reached (conv and matmul F
 torch.utils.flop_counter; the model FLOP utilisation against the GPU's peak when there is one).
 Also: CPU inference latency at batch 1 and 224 px, and the time from `python train.py` (default
 config, CPU) to its first training step. On CUDA (when there is one) a bf16 autocast setting is
-added.
+added. On the CPU, malloc keeps freed memory for reuse, as setrain's trainer sets it
+(`trainer.keep_freed_memory`); `--default-malloc` measures without that.
 """
 
 import argparse
@@ -37,6 +38,7 @@ from timm.layers import SEModule
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from setrain.engine.trainer import keep_freed_memory
 from setrain.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,12 +365,17 @@ def main() -> None:
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
+        "--default-malloc", action="store_true",
+        help="leave glibc's malloc as it is (by default it keeps freed memory, as setrain's CPU training does)",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile", action="store_true",
         help="print the op-level CPU profile of the SE-ResNet-50 group (one thread) and stop",
     )  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
+    kept_freed_memory = device.type == "cpu" and not args.default_malloc and keep_freed_memory()
     if args.profile:
         print(op_profile(GROUPS[0][2], args, torch.device("cpu")))
         return
@@ -462,7 +469,9 @@ def main() -> None:
         f"{args.rounds} rounds of {args.steps} steps, batch {args.batch_size}; each round "
         f"waited up to {args.quiet_wait:.0f} s for an idle CPU; {quiet} of {len(busy)} rounds "
         f"started on one (under 20% busy), the CPU's median busy share at round start was "
-        f"{statistics.median(busy):.0%}.",
+        f"{statistics.median(busy):.0%}. "
+        + ("malloc keeps freed memory for reuse in all models' runs, as setrain's trainer does on "
+           "the CPU (`trainer.keep_freed_memory`)." if kept_freed_memory else "malloc as the C library sets it."),
         "",
         *lines,
         "",

@@ -1,6 +1,9 @@
 """The engine's optimisation and speed options (configs/trainer, optimizer, scheduler), each
 checked for the fact it promises, on tiny models and runs."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -144,6 +147,41 @@ def test_deterministic_mode_is_on_during_the_run_only(tiny_config, tmp_path, mon
     monkeypatch.setattr(trainer, "build_data", build_data_and_record)
     train(tiny_config("trainer.epochs=1", "trainer.deterministic=true"), tmp_path)
     assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
+
+
+REFAULTS_OF_A_FREED_TENSOR = """
+import resource, torch
+from setrain.engine.trainer import keep_freed_memory
+
+def faults_of_a_new_64mib_tensor():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)  # 64 MiB, written once and freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults_of_a_new_64mib_tensor()
+default = faults_of_a_new_64mib_tensor()
+kept = keep_freed_memory()
+for _ in range(2):  # the heap grows until the freed block fits the aligned request
+    faults_of_a_new_64mib_tensor()
+print(kept, default, sum(faults_of_a_new_64mib_tensor() for _ in range(3)))
+"""
+
+
+def test_freed_tensor_memory_is_reused_without_page_faults():
+    """In a process of its own, as the malloc settings last for the process."""
+    output = subprocess.run([sys.executable, "-c", REFAULTS_OF_A_FREED_TENSOR], capture_output=True, text=True, check=True)
+    kept, default, after = output.stdout.split()
+    if kept == "False":
+        pytest.skip("the C library is not glibc")
+    assert int(default) > 10_000 and int(after) < 100  # 16,384 pages of 4 KiB every time, then none
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_runs_keep_freed_memory_unless_told_not_to(tiny_config, tmp_path, monkeypatch, keep):
+    calls = []
+    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(True))
+    train(tiny_config("trainer.epochs=1", f"trainer.keep_freed_memory={str(keep).lower()}"), tmp_path)
+    assert calls == ([True] if keep else [])
 
 
 def test_early_stop_ends_the_run_after_patience_epochs_without_a_better_top1(tiny_config, tmp_path, monkeypatch):

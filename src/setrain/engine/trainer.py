@@ -4,6 +4,7 @@ One process, or one of several under `torchrun` (DDP); rank 0 alone writes. Chec
 everything a run needs to continue exactly where it stopped, even inside an epoch.
 """
 
+import ctypes
 import json
 import logging
 import math
@@ -60,6 +61,26 @@ def resolve_device(name: str) -> torch.device:
             )
         return torch.device(name)
     raise SetrainError(f"trainer.device={name!r} is not supported; use auto, cpu or cuda.")
+
+
+# glibc's mallopt parameters (malloc.h); -1 as the trim threshold turns trimming off (mallopt(3)).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Let malloc keep the memory of freed tensors for reuse rather than give it back to the OS.
+
+    A training step frees and allocates every feature map again. By default glibc serves large
+    blocks with fresh mmap pages and trims the heap, so each step takes tens of thousands of page
+    faults that zero the memory before use: up to 10% of a CPU step (docs/benchmarks.md,
+    Training speed). This is what torch's caching allocator does on CUDA; the process keeps its
+    peak memory. Returns False where the C library is not glibc (nothing is changed there).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def rng_states() -> dict:
@@ -162,6 +183,8 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not trainer.deterministic
+    if device.type == "cpu" and trainer.keep_freed_memory:
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     random.seed(cfg.seed + processes.rank)
 
