@@ -24,6 +24,7 @@ import argparse
 import ctypes
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,7 @@ class Trainee:
         self.images, self.labels = batch
         self.device, self.autocast_dtype = device, autocast_dtype
         self.criterion = nn.CrossEntropyLoss()
+        self.page_faults = []  # minor page faults per step, per measurement
 
     def step(self) -> None:
         dtype = self.autocast_dtype
@@ -142,11 +144,13 @@ class Trainee:
 
     def seconds_per_step(self, steps: int) -> float:
         synchronize(self.device)
-        started = time.perf_counter()
+        faults, started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         for _ in range(steps):
             self.step()
         synchronize(self.device)
-        return (time.perf_counter() - started) / steps
+        seconds = (time.perf_counter() - started) / steps
+        self.page_faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps)
+        return seconds
 
     def flops_per_step(self) -> int:
         """Conv and matmul FLOPs of one step, forward and backward (elementwise ops not counted)."""
@@ -233,8 +237,9 @@ def trainees(group, size, args, device, setting) -> dict[str, Trainee]:
     }
 
 
-def step_times(group, size, args, device, setting) -> dict[str, list[float]]:
-    """Seconds per training step of each model of a group, per round."""
+def step_times(group, size, args, device, setting) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per training step of each model of a group, per round; and its median page faults
+    per step (minor faults: the OS giving the process fresh, zeroed memory)."""
     models = trainees(group, size, args, device, setting)
     times = interleaved(
         {label: partial(t.seconds_per_step, args.steps) for label, t in models.items()},
@@ -242,7 +247,8 @@ def step_times(group, size, args, device, setting) -> dict[str, list[float]]:
     )  # fmt: skip
     for label, values in times.items():
         print(f"{setting[0]}, {label}: {', '.join(f'{1000 * v:.0f}' for v in values)} ms", flush=True)
-    return times
+    faults = {label: statistics.median(t.page_faults[1:]) for label, t in models.items()}  # no warm-up
+    return times, faults
 
 
 def step_figures(group, size, args, device, setting) -> dict[str, tuple[float, int]]:
@@ -397,8 +403,8 @@ def main() -> None:
 
     lines = [
         "| setting | model | input | ms / step, fastest round | median | images/s | peak MiB | GFLOP/s "
-        "| MFU |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| MFU | page faults / step |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     ratios = [
         "| ratio of times | fastest rounds | per round: median | range | target | |",
@@ -410,7 +416,7 @@ def main() -> None:
         for group_name, size, group in GROUPS:
             size = size or args.size
             figures = step_figures(group, size, args, device, setting)
-            seconds = times[setting, group_name]
+            seconds, faults = times[setting, group_name]
             for label, _ in group:
                 fastest, median = min(seconds[label]), statistics.median(seconds[label])
                 memory, flops = figures[label]
@@ -419,7 +425,7 @@ def main() -> None:
                 lines.append(
                     f"| {name} | {label} | {args.batch_size}x{size} px | {1000 * fastest:.1f} | "
                     f"{1000 * median:.1f} | {args.batch_size / fastest:.1f} | {memory:,.0f} | "
-                    f"{1000 * tflops:,.0f} | {utilisation} |"
+                    f"{1000 * tflops:,.0f} | {utilisation} | {faults[label]:,.0f} |"
                 )
             se, twin, timm_se, timm_twin = (label for label, _ in group)
             overhead_target = 1.05 if channels_last and group_name == "SE-ResNet-50" else None
@@ -470,8 +476,8 @@ def main() -> None:
         f"waited up to {args.quiet_wait:.0f} s for an idle CPU; {quiet} of {len(busy)} rounds "
         f"started on one (under 20% busy), the CPU's median busy share at round start was "
         f"{statistics.median(busy):.0%}. "
-        + ("malloc keeps freed memory for reuse in all models' runs, as setrain's trainer does on "
-           "the CPU (`trainer.keep_freed_memory`)." if kept_freed_memory else "malloc as the C library sets it."),
+        + ("glibc's malloc keeps freed memory for reuse in all models' runs, as setrain's trainer does on "
+           "the CPU (`trainer.keep_freed_memory`)." if kept_freed_memory else "The C library's default malloc settings."),
         "",
         *lines,
         "",
