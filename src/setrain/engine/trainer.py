@@ -72,13 +72,13 @@ def keep_freed_memory() -> bool:
 
     A training step frees and allocates every feature map again. By default glibc serves large
     blocks with fresh mmap pages and trims the heap, so each step takes tens of thousands of page
-    faults that zero the memory before use: up to 10% of a CPU step (docs/benchmarks.md,
-    Training speed). This is what torch's caching allocator does on CUDA; the process keeps its
-    peak memory. Returns False where the C library is not glibc (nothing is changed there).
+    faults that zero the memory before use: 4-15% of an SE-ResNet-50 step on 2 cores
+    (docs/benchmarks.md, Page faults). torch's caching allocator does the same on CUDA; the
+    process keeps its peak memory. Returns False where the C library is not glibc (nothing is changed there).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS), no CDLL(None) (Windows)
         return False
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
