@@ -71,10 +71,11 @@ def keep_freed_memory() -> bool:
     """Let malloc keep the memory of freed tensors for reuse rather than give it back to the OS.
 
     A training step frees and allocates every feature map again. By default glibc serves large
-    blocks with fresh mmap pages and trims the heap, so each step takes tens of thousands of page
-    faults that zero the memory before use: 4-15% of an SE-ResNet-50 step on 2 cores
-    (docs/benchmarks.md, Page faults). torch's caching allocator does the same on CUDA; the
-    process keeps its peak memory. Returns False where the C library is not glibc (nothing is changed there).
+    blocks with fresh mmap pages and trims the heap, so each step takes thousands of page faults
+    that zero the memory before use: 4-9% of an SE-ResNet-50 step at 96 px on 2 cores, more at
+    224 px (docs/benchmarks.md, Page faults). torch's caching allocator does the same on CUDA.
+    The process keeps its peak memory, and the setting lasts until it exits. Returns False where
+    the C library is not glibc (nothing is changed there).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
