@@ -132,3 +132,44 @@ def test_ddp_with_gloo_on_two_processes_counts_every_validation_image_once(tmp_p
     single = evaluate(model, torch.nn.CrossEntropyLoss(), data.val_loader, torch.device("cpu"))
     assert results["final"]["val_top1"] == pytest.approx(single["top1"])
     assert results["final"]["val_loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO_ROOT / "train.py"), *args]
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc): torchrun starts its workers in sessions of their own."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid] + [descendant for child in children for descendant in process_tree(int(child))]
+
+
+def test_ddp_run_killed_with_sigkill_resumes_each_process_to_identical_weights(tmp_path):
+    """MixUp draws from each process's own random stream (seeded by rank): the resumed run matches
+    only if every process gets its own state back, not rank 0's."""
+    ddp = [
+        "data.train_size=512", "data.val_size=16", "data.image_size=16", "data.batch_size=8", "trainer.epochs=2",
+        "trainer.device=cpu", "trainer.mixup_alpha=0.4", "trainer.checkpoint_every_n_steps=1",
+    ]  # fmt: skip
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    uninterrupted = torchrun(*ddp, f"hydra.run.dir={reference}", cwd=tmp_path)
+    _, stderr = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, stderr[-3000:]
+
+    interrupted = torchrun(*ddp, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    wait_for_step(run_dir, "checkpoints/last.pt", 10, interrupted)  # of 2 x 32
+    for pid in process_tree(interrupted.pid):  # torchrun and both training processes, as a pre-emption
+        os.kill(pid, signal.SIGKILL)
+    interrupted.communicate()
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["global_step"] < 64 and not (run_dir / "results.json").exists()
+    assert len(state["other_ranks"]) == 1
+    assert not torch.equal(state["rng"]["torch"], state["other_ranks"][0]["rng"]["torch"])
+
+    resumed = torchrun(*ddp, "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert "Resumed from" in stdout + stderr
+    assert_same_weights(final_weights(run_dir), final_weights(reference))

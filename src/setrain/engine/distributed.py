@@ -59,6 +59,16 @@ def broadcast_object(processes: Processes, value):
     return holder[0]
 
 
+def gather_object(processes: Processes, value) -> list | None:
+    """Every process's `value` in rank order, on rank 0 (None elsewhere): what only rank 0 writes,
+    such as each process's random state in a checkpoint."""
+    if not processes.distributed:
+        return [value]
+    gathered = [None] * processes.world_size if processes.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def broadcast_buffers(processes: Processes, model: torch.nn.Module) -> None:
     """Give every process rank 0's BatchNorm statistics. DDP broadcasts them before each training
     forward, so after the last one each process holds its own update; evaluating with those

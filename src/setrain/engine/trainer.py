@@ -32,6 +32,7 @@ from setrain.engine.distributed import (
     broadcast_buffers,
     broadcast_object,
     close_processes,
+    gather_object,
     init_processes,
     sum_across,
 )
@@ -142,6 +143,21 @@ def _write_json(data: dict, path: Path) -> None:
         ) from error
 
 
+def _position_of_this_process(state: dict, processes: Processes) -> dict:
+    """This process's epoch progress and random state from a checkpoint: its own when the
+    checkpoint was saved by as many processes, rank 0's otherwise."""
+    others = state.get("other_ranks", [])
+    if len(others) != processes.world_size - 1:
+        if processes.is_main:
+            log.warning(
+                "The checkpoint was saved by %d processes and %d continue it: each takes rank 0's "
+                "random state, so the run goes on but not exactly as it would have.",
+                len(others) + 1, processes.world_size,
+            )  # fmt: skip
+        return state
+    return state if processes.rank == 0 else others[processes.rank - 1]
+
+
 def _check_finite(loss: float, where: str) -> None:
     if not math.isfinite(loss):
         raise SetrainError(
@@ -231,9 +247,10 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
             recipe.ema.n_averaged.fill_(state["ema_updates"])
         first_epoch, best, last_metrics = state["epoch"] + 1, state["best"], state["metrics"]
         global_step, stale_epochs = state.get("global_step", 0), state.get("stale_epochs", 0)
-        resumed_rng = state["rng"]
-        if state.get("epoch_progress"):
-            resumed_totals = EpochTotals(**state["epoch_progress"]).to(device)
+        position = _position_of_this_process(state, processes)
+        resumed_rng = position["rng"]
+        if position.get("epoch_progress"):
+            resumed_totals = EpochTotals(**position["epoch_progress"]).to(device)
         log.info(
             "Resumed from %s after epoch %d%s", resume_from, state["epoch"],
             f" and {resumed_totals.batches} batches of epoch {first_epoch}" if resumed_totals else "",
@@ -266,9 +283,17 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
         if resume_from is None:
             add_image_grid(writer, next(iter(data.train_loader))[0])
 
-    def checkpoint_state(epoch_done: int, totals: EpochTotals | None) -> dict:
+    def checkpoint_state(epoch_done: int, totals: EpochTotals | None) -> dict | None:
         """Everything needed to continue: after `epoch_done` epochs and, inside the next one,
-        after the batches in `totals` (None at an epoch's end)."""
+        after the batches in `totals` (None at an epoch's end). Under torchrun every process
+        calls it, as it gathers each one's position and random state; rank 0 gets the state."""
+        cpu = torch.device("cpu")
+        positions = gather_object(processes, {
+            "epoch_progress": None if totals is None else vars(totals.to(cpu)),
+            "rng": rng_states(),
+        })  # fmt: skip
+        if positions is None:
+            return None
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -276,12 +301,12 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
             "scaler": recipe.scaler.state_dict(),
             **({"ema": recipe.ema.module.state_dict(), "ema_updates": int(recipe.ema.n_averaged)} if recipe.ema else {}),
             "epoch": epoch_done,
-            "epoch_progress": None if totals is None else vars(totals.to(torch.device("cpu"))),
+            **positions[0],  # epoch_progress and rng: rank 0's, or the only process's
+            "other_ranks": positions[1:],
             "global_step": global_step,
             "stale_epochs": stale_epochs,
             "best": best,
             "metrics": last_metrics,
-            "rng": rng_states(),
             "config": resolved_config,
         }
 
@@ -325,8 +350,9 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
                 every_n = trainer.checkpoint_every_n_steps
                 if stopping or (every_n and global_step % every_n == 0):
                     _check_finite(totals.loss_sum.item(), progress)
+                    state = checkpoint_state(epoch - 1, totals)
                     if processes.is_main:
-                        save_checkpoint(checkpoint_state(epoch - 1, totals), checkpoint_dir / "last.pt")
+                        save_checkpoint(state, checkpoint_dir / "last.pt")
                 if stopping:
                     if writer is not None:
                         writer.close()  # keep the per-step curves written since the last epoch
@@ -369,6 +395,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
             if is_best:
                 best = {"epoch": epoch, **val_record}
             stale_epochs = 0 if is_best else stale_epochs + 1
+            state = checkpoint_state(epoch, None)
             if processes.is_main:
                 for key, value in train_metrics.items():
                     writer.add_scalar(f"{key}/train", value, epoch)
@@ -377,7 +404,6 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
                 writer.add_scalar("lr", lr, epoch)
                 add_excitation_histograms(writer, model, histogram_images, epoch)
                 writer.flush()
-                state = checkpoint_state(epoch, None)
                 save_checkpoint(state, checkpoint_dir / "last.pt")
                 if is_best:
                     save_checkpoint(state, checkpoint_dir / "best.pt")
