@@ -20,7 +20,7 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import REPO_ROOT, TINY, assert_user_error, compose_config, run_cli
 from formats import write_stl10
-from setrain.config_checks import check_values, config_error_sentence
+from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
 from setrain.data import build_data
 from setrain.engine import train
 from setrain.engine.checkpoint import load_checkpoint, load_model_state
@@ -68,8 +68,7 @@ def test_unknown_name_misspelt_key_and_wrong_type_are_one_line(tmp_path, overrid
     result = run_cli(override, "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert_user_error(result, f"setrain: error: {message}")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    if override != "trainer.epochs=ten":  # Hydra refuses before it makes the run dir
-        assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()  # refused before Hydra makes the run dir
 
 
 @pytest.mark.parametrize(
@@ -109,6 +108,25 @@ def test_values_hydra_accepts_but_training_cannot_use_are_refused(overrides, mes
     with pytest.raises(SetrainError) as raised:
         checked(*overrides)
     assert str(raised.value).startswith(message), raised.value
+
+
+def test_values_are_checked_before_the_run_dir_exists_with_hydra_references_resolving(tmp_path):
+    """ClaimRunDir checks before Hydra's run_job fills in the run dir: a value may still refer to it."""
+    run_dir = tmp_path / "run"
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        for bad in (False, True):
+            overrides = [f"hydra.run.dir={run_dir}", "data=cifar10", "data.root=${hydra:runtime.output_dir}/data"]
+            cfg = compose("train", overrides=overrides + ["optimizer.lr=0"] * bad, return_hydra_config=True)
+            try:
+                if bad:
+                    with pytest.raises(SetrainError, match="optimizer.lr=0 must be greater than 0"):
+                        check_values_before_run(cfg)
+                else:
+                    check_values_before_run(cfg)
+            finally:
+                HydraConfig.instance().cfg = None
+            assert OmegaConf.is_missing(cfg.hydra.runtime, "output_dir")  # Hydra's config untouched
+    assert not run_dir.exists()
 
 
 def test_values_of_every_kind_a_key_takes_pass():

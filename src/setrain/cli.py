@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from setrain.config_checks import check_values, config_error_sentence
+from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
 from setrain.engine import train
 from setrain.engine.rundir import check_earlier_run, lock_run_dir
 from setrain.engine.signals import RunStopped
@@ -53,7 +53,8 @@ def run(hydra_main: Callable[[], object]) -> int:
 
 
 class ClaimRunDir(Callback):
-    """Locks the run dir (rundir.lock_run_dir) and checks what it holds before Hydra writes
+    """Checks the config's values (config_checks.check_values), locks the run dir
+    (rundir.lock_run_dir) and checks what it holds, all before Hydra makes the run dir or writes
     .hydra/ and train.log into it; listed under hydra.callbacks in configs/train.yaml.
 
     A sweep locks its sweep dir, then each job its subdirectory; a job dir that holds a run is
@@ -66,6 +67,8 @@ class ClaimRunDir(Callback):
         self.job_lock = None
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        with _exit_on_user_error():
+            check_values_before_run(config)
         if self.claims:
             run_dir = Path(config.hydra.run.dir).absolute()
             with _exit_on_user_error():
@@ -110,7 +113,8 @@ def run_training(cfg: DictConfig) -> float | None:
         if cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
             cfg.resume = "auto"
     try:
-        check_values(cfg)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # a single run's values were checked by ClaimRunDir
+            check_values(cfg)
         return train(cfg, run_dir)["best"]["val_top1"]
     except RunStopped as stopped:
         log.info("%s", stopped)

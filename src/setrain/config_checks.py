@@ -6,12 +6,14 @@ adds any key, so Hydra accepts `trainer.epochs=ten` or `+trainer.epoch=3`; `chec
 those before training would trip over them, or silently ignore them.
 """
 
+import copy
 import json
+from pathlib import Path
 
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from setrain.errors import SetrainError
@@ -81,6 +83,22 @@ def check_values(cfg: DictConfig) -> None:
     if flat.get("optimizer.lr", 1) <= 0:
         example = defaults["optimizer"]["lr"]
         raise SetrainError(f"optimizer.lr={flat['optimizer.lr']} must be greater than 0, e.g. {example}.")
+
+
+def check_values_before_run(config: DictConfig) -> None:
+    """`check_values` on the whole config (with its `hydra` node) before Hydra runs the job, so that
+    a refused value leaves no run dir behind: Hydra makes it and writes .hydra/ before the task.
+
+    Works on a copy with the run dir filled in as Hydra's run_job will fill it, so that
+    `${hydra:runtime.output_dir}` resolves; run_job sets HydraConfig again right after.
+    """
+    config = copy.deepcopy(config)
+    with read_write(config.hydra.runtime):
+        config.hydra.runtime.output_dir = str(Path(config.hydra.run.dir).absolute())
+    HydraConfig.instance().set_config(config)
+    with read_write(config), open_dict(config):
+        del config["hydra"]
+    check_values(config)
 
 
 def _unknown_key(values: dict, defaults: dict, prefix: str = "") -> tuple[str, list[str]] | None:
