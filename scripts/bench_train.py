@@ -3,6 +3,7 @@
     python scripts/bench_train.py   # about 10 minutes on 2 idle CPU cores; writes docs/benchmarks.md
     python scripts/bench_train.py --no-write --rounds 3 --skip-startup
     python scripts/bench_train.py --profile  # where the step time goes, op by op (one thread)
+    python scripts/bench_train.py --compile  # adds every model under torch.compile (inductor)
 
 Two groups, each of four models: setrain's SE-ResNet-50 and ResNet-50 beside timm's seresnet50
 and resnet50 (96 px), and setrain's CIFAR SENet-18 and its twin beside timm's (se)resnet18 given
@@ -16,8 +17,10 @@ step, images/s, peak memory of a step, and the FLOP/s reached (conv and matmul F
 torch.utils.flop_counter; the model FLOP utilisation against the GPU's peak when there is one).
 Also: CPU inference latency at batch 1 and 224 px, and the time from `python train.py` (default
 config, CPU) to its first training step. On CUDA (when there is one) a bf16 autocast setting is
-added. On the CPU, malloc keeps freed memory for reuse, as setrain's trainer sets it
-(`trainer.keep_freed_memory`); `--default-malloc` measures without that.
+added. `--compile` adds channels_last settings in which every model is compiled by
+torch.compile's default inductor backend (as `trainer.compile=true`); its compilation happens in
+the warm-up round, which is not kept. On the CPU, malloc keeps freed memory for reuse, as
+setrain's trainer sets it (`trainer.keep_freed_memory`); `--default-malloc` measures without that.
 """
 
 import argparse
@@ -126,9 +129,10 @@ def synchronize(device: torch.device) -> None:
 class Trainee:
     """A model with its optimizer and a fixed random batch, ready to take training steps."""
 
-    def __init__(self, build, batch, device, memory_format, autocast_dtype):
-        self.model = build().to(device, memory_format=memory_format).train()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+    def __init__(self, build, batch, device, memory_format, autocast_dtype, compiled):
+        model = build().to(device, memory_format=memory_format).train()
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.model = torch.compile(model) if compiled else model
         self.images, self.labels = batch
         self.device, self.autocast_dtype = device, autocast_dtype
         self.criterion = nn.CrossEntropyLoss()
@@ -227,19 +231,21 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def trainees(group, size, args, device, setting) -> dict[str, Trainee]:
-    _, channels_last, autocast_dtype = setting
+    _, channels_last, autocast_dtype, compiled = setting
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.randn(args.batch_size, 3, size, size, device=device).to(memory_format=memory_format)
     labels = torch.randint(0, 10, (args.batch_size,), device=device)  # every model has >= 10 classes
     return {
-        label: Trainee(build, (images, labels), device, memory_format, autocast_dtype)
+        label: Trainee(build, (images, labels), device, memory_format, autocast_dtype, compiled)
         for label, build in group
     }
 
 
-def step_times(group, size, args, device, setting) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Seconds per training step of each model of a group, per round; and its median page faults
-    per step (minor faults: the OS giving the process fresh, zeroed memory)."""
+def step_times(group, size, args, device, setting) -> tuple[dict[str, list[float]], dict[str, float], dict]:
+    """Seconds per training step of each model of a group, per round; its median page faults per
+    step (minor faults: the OS giving the process fresh, zeroed memory); and the trainees, for
+    `step_figures` once all timings are done (it gives freed memory back to the OS, after which
+    the next timings would fault again)."""
     models = trainees(group, size, args, device, setting)
     times = interleaved(
         {label: partial(t.seconds_per_step, args.steps) for label, t in models.items()},
@@ -248,23 +254,31 @@ def step_times(group, size, args, device, setting) -> tuple[dict[str, list[float
     for label, values in times.items():
         print(f"{setting[0]}, {label}: {', '.join(f'{1000 * v:.0f}' for v in values)} ms", flush=True)
     faults = {label: statistics.median(t.page_faults[1:]) for label, t in models.items()}  # no warm-up
-    return times, faults
+    return times, faults, models
 
 
-def step_figures(group, size, args, device, setting) -> dict[str, tuple[float, int]]:
-    """Peak memory (MiB) and FLOPs of one training step of each model of a group."""
-    figures = {}
-    for label, build in group:  # one model at a time
-        trainee = trainees([(label, build)], size, args, device, setting)[label]
-        trainee.step()  # warm-up
-        figures[label] = trainee.peak_memory_mb(), trainee.flops_per_step()
-    return figures
+def step_figures(models: dict[str, Trainee]) -> dict[str, tuple[float, int]]:
+    """Peak memory (MiB) and FLOPs of one more training step of each model, one after another."""
+    return {label: (t.peak_memory_mb(), t.flops_per_step()) for label, t in models.items()}
 
 
 def inference_times(group, args) -> dict[str, list[float]]:
-    """Seconds per image of batch-1, 224 px CPU inference (eval mode, channels_last), per round."""
+    """Seconds per image of batch-1, 224 px CPU inference (eval mode, channels_last), per round;
+    with `--compile` also of each model compiled by inductor with freezing (weights folded into
+    the graph as constants, BatchNorm into the convolutions), compiled before the rounds."""
     image = torch.randn(1, 3, 224, 224).to(memory_format=torch.channels_last)
     models = {label: build().eval().to(memory_format=torch.channels_last) for label, build in group}
+    if args.compile:
+        # For the rest of the process; it only changes graphs compiled without autograd. Given in
+        # torch.compile's options or patched around the compiling call it did not take (30 ms, not
+        # 21), nor without the reset after the training settings' compilations.
+        torch._inductor.config.freezing = True
+        torch._dynamo.reset()
+        for label, model in list(models.items()):
+            compiled = torch.compile(model)
+            with torch.inference_mode():
+                compiled(image)
+            models[f"{label}, compiled"] = compiled
 
     def latency(model, steps=5):
         with torch.inference_mode():
@@ -303,7 +317,7 @@ def op_profile(group, args, device, threads: int = 1, rows: int = 16) -> str:
     channels_last, from torch.profiler. One thread: op times then add up to the step's CPU time,
     and suffer less from other processes than multi-threaded wall time does."""
     torch.set_num_threads(threads)
-    setting = ("fp32 channels_last", True, None)
+    setting = ("fp32 channels_last", True, None, False)
     models = trainees(group, args.size, args, device, setting)
     samples = {label: [] for label in models}  # per model, per round: {op: (self ms, calls)}
     for trainee in models.values():
@@ -375,6 +389,10 @@ def main() -> None:
         help="leave glibc's malloc as it is (by default it keeps freed memory, as setrain's CPU training does)",
     )  # fmt: skip
     parser.add_argument(
+        "--compile", action="store_true",
+        help="also measure every model compiled by torch.compile (inductor), in channels_last",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile", action="store_true",
         help="print the op-level CPU profile of the SE-ResNet-50 group (one thread) and stop",
     )  # fmt: skip
@@ -386,12 +404,15 @@ def main() -> None:
         print(op_profile(GROUPS[0][2], args, torch.device("cpu")))
         return
 
-    settings = [("fp32", False, None), ("fp32 channels_last", True, None)]
+    # (name, channels_last, autocast dtype, compiled)
+    settings = [("fp32", False, None, False), ("fp32 channels_last", True, None, False)]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        settings.append(("bf16 channels_last", True, torch.bfloat16))
+        settings.append(("bf16 channels_last", True, torch.bfloat16, False))
+    if args.compile:
+        settings += [(f"{name}, compiled", True, dtype, True) for name, cl, dtype, _ in settings if cl]
 
-    # Timings first; then peak memory and FLOPs, from one more step of each model.
+    # Timings of every setting first; then peak memory and FLOPs, from one more step of each model.
     times = {
         (setting, group_name): step_times(group, size or args.size, args, device, setting)
         for setting in settings
@@ -411,12 +432,13 @@ def main() -> None:
         "|---|---:|---:|---|---|---|",
     ]
     for setting in settings:
-        name, channels_last, autocast_dtype = setting
+        name, channels_last, autocast_dtype, _ = setting
         peak_tf = peak_tflops(device) if autocast_dtype is not None else None
         for group_name, size, group in GROUPS:
             size = size or args.size
-            figures = step_figures(group, size, args, device, setting)
-            seconds, faults = times[setting, group_name]
+            seconds, faults, models = times.pop((setting, group_name))
+            figures = step_figures(models)
+            del models  # its memory back before the next group's figures
             for label, _ in group:
                 fastest, median = min(seconds[label]), statistics.median(seconds[label])
                 memory, flops = figures[label]
@@ -442,8 +464,10 @@ def main() -> None:
         for label, times in latency.items()
     ]
     se, twin, timm_se, _ = (label for label, _ in imagenet_group)
-    ratios.append(ratio_row("CPU inference, batch 1, 224 px, SE overhead", latency, se, twin, 1.02))
-    ratios.append(ratio_row("CPU inference, batch 1, 224 px, against timm", latency, se, timm_se, None))
+    for suffix in ("", ", compiled") if args.compile else ("",):
+        what = f"CPU inference, batch 1, 224 px{suffix}"
+        ratios.append(ratio_row(f"{what}, SE overhead", latency, se + suffix, twin + suffix, 1.02))
+        ratios.append(ratio_row(f"{what}, against timm", latency, se + suffix, timm_se + suffix, None))
 
     startup_lines = []
     if seconds_to_start is not None:
