@@ -438,7 +438,6 @@ def main() -> None:
             size = size or args.size
             seconds, faults, models = times.pop((setting, group_name))
             figures = step_figures(models)
-            del models  # its memory back before the next group's figures
             for label, _ in group:
                 fastest, median = min(seconds[label]), statistics.median(seconds[label])
                 memory, flops = figures[label]
