@@ -42,7 +42,7 @@ from timm.layers import SEModule
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from setrain.engine.trainer import keep_freed_memory
+from setrain.engine.runtime import keep_freed_memory
 from setrain.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -153,7 +153,7 @@ def test_deterministic_mode_is_on_during_the_run_only(tiny_config, tmp_path, mon
 
 REFAULTS_OF_A_FREED_TENSOR = """
 import resource, torch
-from setrain.engine.trainer import keep_freed_memory
+from setrain.engine.runtime import keep_freed_memory
 
 def faults_of_a_new_64mib_tensor():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from setrain.cli import run, run_command
 from setrain.engine.loop import evaluate, topk_correct
-from setrain.engine.trainer import resolve_device
+from setrain.engine.runtime import resolve_device
 from setrain.errors import SetrainError
 from setrain.figures import pyplot
 from setrain.models.se import SEBlock, se_blocks, stage_of

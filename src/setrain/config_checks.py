@@ -22,8 +22,8 @@ from setrain.errors import SetrainError
 # their builders refuse unknown keys themselves, naming the ones they take.
 BUILT_GROUPS = ("model", "data", "optimizer", "scheduler")
 # Keys that take values of several types, so their default's type says nothing (32 or bf16; false
-# or a torch.compile backend name); whoever reads them checks them.
-ANY_TYPE_KEYS = ("trainer.precision", "trainer.compile")
+# or a torch.compile backend name; auto or true); whoever reads them checks them.
+ANY_TYPE_KEYS = ("trainer.precision", "trainer.compile", "trainer.channels_last")
 
 
 def config_error_sentence(error: HydraException) -> str:

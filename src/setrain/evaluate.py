@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from setrain.cli import run, run_command
 from setrain.engine.loop import evaluate
-from setrain.engine.trainer import resolve_device
+from setrain.engine.runtime import resolve_device
 from setrain.figures import pyplot
 from setrain.trained import load_trained_model, trained_data
 

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from setrain.cli import run, run_command
 from setrain.data.folders import load_rgb
-from setrain.engine.trainer import resolve_device
+from setrain.engine.runtime import resolve_device
 from setrain.errors import SetrainError
 from setrain.trained import load_trained_model, trained_data
 

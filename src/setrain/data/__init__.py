@@ -9,7 +9,7 @@ files) and its `classes`, where it has them, name the labels.
 """
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from setrain.data.folders import build_folder, build_imagenet
+from setrain.data.on_device import DeviceBatches
 from setrain.data.shapes import build_shapes
 from setrain.data.torchvision_sets import build_cifar10, build_cifar100, build_stl10
 from setrain.errors import SetrainError
@@ -30,13 +31,14 @@ DATASETS = {
     "folder": build_folder,
 }
 
-LOADER_KEYS = ("name", "batch_size", "num_workers")
+LOADER_KEYS = ("name", "batch_size", "num_workers", "pipeline")
+PIPELINES = ("auto", "workers", "device")
 
 
 @dataclass
 class DataBundle:
-    train_loader: DataLoader
-    val_loader: DataLoader
+    train_loader: DataLoader | DeviceBatches
+    val_loader: DataLoader | DeviceBatches
     num_classes: int
     shuffle_generator: torch.Generator
     val_transform: Callable
@@ -50,8 +52,21 @@ class DataBundle:
         resumed run sees the same batches; under torchrun, each process its own share of them."""
         epoch_seed = seed * 100_003 + epoch
         self.shuffle_generator.manual_seed(epoch_seed + self.rank)  # workers' augmentation seeds
-        if isinstance(self.train_loader.sampler, DistributedSampler):
+        if isinstance(self.train_loader, DeviceBatches):
+            self.train_loader.set_epoch(epoch_seed)
+        elif isinstance(self.train_loader.sampler, DistributedSampler):
             self.train_loader.sampler.set_epoch(epoch_seed)  # it shuffles with its seed (0) + this
+
+    def train_batches(self, start: int = 0) -> Iterator:
+        """The current epoch's training batches from batch `start` on. Workers load the batches
+        before `start` again, unused, which keeps their augmentation streams as in an uninterrupted
+        epoch; the device pipeline's draws depend on the batch's index, so it skips them."""
+        if isinstance(self.train_loader, DeviceBatches):
+            return self.train_loader.batches(start)
+        batches = iter(self.train_loader)
+        for _ in range(start):
+            next(batches)
+        return batches
 
 
 def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
@@ -61,6 +76,8 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
     (DistributedSampler) and validates on every world_size-th image, so the summed metrics
     count each validation image exactly once.
 
+    `data.pipeline`: `workers` decode and augment each image in DataLoader processes; `device`
+    does it for whole batches on the training device (on_device.py); `auto` is `device` on CUDA.
     Workers decode and augment; on CUDA, batches go to pinned memory for asynchronous copies.
     Workers are persistent only on CUDA. On the CPU, fresh workers each epoch draw their seeds
     from the generator the trainer reseeds per epoch, which keeps augmentation, and so a resumed
@@ -89,6 +106,11 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
         )
     if num_workers < 0:
         raise SetrainError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
+    pipeline = data_cfg.get("pipeline", "auto")
+    if pipeline not in PIPELINES:
+        raise SetrainError(f"data.pipeline={pipeline!r} is not known; use auto, workers or device.")
+    if pipeline == "auto":
+        pipeline = "device" if device.type == "cuda" else "workers"
 
     train_set, val_set, num_classes = builder(**options)
     if len(train_set) < batch_size:
@@ -103,6 +125,10 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
             "a larger data.val_fraction for folder)."
         )
     generator = torch.Generator()
+    if pipeline == "device":
+        train_loader = DeviceBatches(train_set, batch_size, device, True, num_workers, rank, world_size)
+        val_loader = DeviceBatches(val_set, batch_size, device, False, num_workers, rank, world_size)
+        return _bundle(train_loader, val_loader, val_set, num_classes, generator, rank)
     on_cuda = device.type == "cuda"
     loader_options = dict(
         batch_size=batch_size,
@@ -118,6 +144,10 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
     else:
         train_loader = DataLoader(train_set, shuffle=True, drop_last=True, generator=generator, **loader_options)
     val_loader = DataLoader(val_set, shuffle=False, **loader_options)
+    return _bundle(train_loader, val_loader, val_set, num_classes, generator, rank)
+
+
+def _bundle(train_loader, val_loader, val_set, num_classes: int, generator, rank: int) -> DataBundle:
     val_images = val_set
     while isinstance(val_images, Subset):  # a held-out split, a process's share
         val_images = val_images.dataset

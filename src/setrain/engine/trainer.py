@@ -4,7 +4,6 @@ One process, or one of several under `torchrun` (DDP); rank 0 alone writes. Chec
 everything a run needs to continue exactly where it stopped, even inside an epoch.
 """
 
-import ctypes
 import json
 import logging
 import math
@@ -39,72 +38,32 @@ from setrain.engine.distributed import (
 from setrain.engine.loop import EpochTotals, Recipe, evaluate, train_steps
 from setrain.engine.optim import build_optimizer, build_scheduler
 from setrain.engine.rundir import check_same_run
+from setrain.engine.runtime import (
+    PRECISIONS,
+    keep_freed_memory,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+    restore_rng_states,
+    rng_states,
+)
 from setrain.engine.signals import RunStopped, stop_on_signals
 from setrain.errors import SetrainError
 from setrain.models import build_model
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 HISTOGRAM_IMAGES = 64  # the fixed validation images whose SE gates are histogrammed each epoch
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks the GPU when there is one; asking for CUDA without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise SetrainError(
-                f"trainer.device={name} but PyTorch sees no CUDA GPU; use trainer.device=auto or cpu."
-            )
-        return torch.device(name)
-    raise SetrainError(f"trainer.device={name!r} is not supported; use auto, cpu or cuda.")
-
-
-# glibc's mallopt parameters (malloc.h); -1 as the trim threshold turns trimming off (mallopt(3)).
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """Let malloc keep the memory of freed tensors for reuse rather than give it back to the OS.
-
-    A training step frees and allocates every feature map again. By default glibc serves large
-    blocks with fresh mmap pages and trims the heap, so each step takes thousands of page faults
-    that zero the memory before use: 4-9% of an SE-ResNet-50 step at 96 px on 2 cores, more at
-    224 px (docs/benchmarks.md, Page faults). torch's caching allocator does the same on CUDA.
-    The process keeps its peak memory, and the setting lasts until it exits. Returns False where
-    the C library is not glibc (nothing is changed there).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # no mallopt (macOS), no CDLL(None) (Windows)
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
-
-
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def check_trainer_options(trainer: DictConfig) -> None:
     """Refuse values the loop cannot honour before any data is loaded."""
     if trainer.epochs < 1:
         raise SetrainError(f"trainer.epochs={trainer.epochs} must be at least 1.")
-    if str(trainer.precision) not in PRECISIONS:
-        raise SetrainError(f"trainer.precision={trainer.precision!r} is not known; use 32, bf16 or 16.")
+    if str(trainer.precision) not in (*PRECISIONS, "auto"):
+        raise SetrainError(f"trainer.precision={trainer.precision!r} is not known; use auto, 32, bf16 or 16.")
+    if trainer.channels_last not in (True, False, "auto"):
+        raise SetrainError(f"trainer.channels_last={trainer.channels_last!r} is not known; use auto, true or false.")
     for key in ("accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps", "early_stop_patience"):
         value = trainer[key]
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -207,7 +166,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
 
     data = build_data(OmegaConf.to_container(cfg.data, resolve=True), device, processes.rank, processes.world_size)
     model = build_model(OmegaConf.to_container(cfg.model), data.num_classes)
-    memory_format = torch.channels_last if trainer.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if resolve_channels_last(trainer.channels_last, device) else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     if processes.distributed:
         torch.manual_seed(cfg.seed + processes.rank)  # after the shared init: own MixUp/augmentation draws
@@ -215,7 +174,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
     effective_batch = cfg.data.batch_size * trainer.accumulate_grad_batches * processes.world_size
     optimizer = build_optimizer(cfg.optimizer, model, effective_batch)
     scheduler = build_scheduler(cfg.scheduler, optimizer, trainer.epochs)
-    precision = str(trainer.precision)
+    precision = resolve_precision(str(trainer.precision), device)
     recipe = Recipe(
         criterion=nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing),
         autocast_dtype=PRECISIONS[precision],
@@ -281,7 +240,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
     if writer is not None:
         histogram_images = next(iter(data.val_loader))[0][:HISTOGRAM_IMAGES].to(device, memory_format=memory_format)
         if resume_from is None:
-            add_image_grid(writer, next(iter(data.train_loader))[0])
+            add_image_grid(writer, next(iter(data.train_loader))[0].cpu())
 
     def checkpoint_state(epoch_done: int, totals: EpochTotals | None) -> dict | None:
         """Everything needed to continue: after `epoch_done` epochs and, inside the next one,
@@ -317,14 +276,10 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
             progress = f"epoch {epoch}/{trainer.epochs}"
             lr = optimizer.param_groups[0]["lr"]
             data.set_epoch(cfg.seed, epoch)
-            batches = iter(data.train_loader)
             totals = EpochTotals().to(device)
-            if resumed_totals is not None:
-                # Load the batches done before the checkpoint again, without training on them:
-                # this keeps the workers' augmentation streams exactly as in an uninterrupted run.
+            if resumed_totals is not None:  # continue the epoch after the batches done before the checkpoint
                 totals, resumed_totals = resumed_totals, None
-                for _ in range(totals.batches):
-                    next(batches)
+            batches = data.train_batches(start=totals.batches)
             if resumed_rng is not None:
                 restore_rng_states(resumed_rng)
                 resumed_rng = None

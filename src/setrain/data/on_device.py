@@ -1,0 +1,328 @@
+"""`data.pipeline=device`: batches decoded and augmented on the training device, so the GPU never
+waits for CPU workers (the approach of NVIDIA DALI and airbench, with torch and torchvision alone).
+
+Array datasets (CIFAR, STL10, shapes) live on the device as uint8 and are indexed there; image
+folders are read as bytes by workers and decoded in batches on the device (nvJPEG on CUDA), with
+the CPU (PIL) for what nvJPEG cannot read. The augmentation is the dataset's own torchvision v2
+recipe (transforms.py) run on a whole batch, with random draws from a generator seeded by
+(epoch seed, rank, batch): a rerun or a resumed run sees the same crops whatever the timing. A
+background thread prepares the next batches (on a side CUDA stream) while the model trains.
+"""
+
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.ops import roi_align
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from setrain.errors import SetrainError
+
+PREFETCH_BATCHES = 2
+
+
+class BatchTransform:
+    """A v2 recipe (ToImage, geometric steps, ToDtype, Normalize) applied to a batch at once.
+
+    Images may arrive as a list of differently sized (C, H, W) uint8 tensors (decoded files):
+    steps run per image until one makes them one size, then on the stacked batch.
+    """
+
+    GEOMETRY = (v2.Resize, v2.CenterCrop, v2.RandomResizedCrop, v2.RandomCrop, v2.RandomHorizontalFlip)
+
+    def __init__(self, recipe: v2.Compose):
+        steps = [step for step in recipe.transforms if not isinstance(step, (v2.ToImage, v2.ToDtype))]
+        unsupported = [type(step).__name__ for step in steps if not isinstance(step, (*self.GEOMETRY, v2.Normalize))]
+        if unsupported or not isinstance(steps[-1], v2.Normalize):
+            raise SetrainError(
+                f"data.pipeline=device cannot run the transform(s) {', '.join(unsupported) or 'without Normalize'} "
+                "on the device; use data.pipeline=workers."
+            )
+        self.steps, normalize = steps[:-1], steps[-1]
+        self.mean = torch.tensor(normalize.mean).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(normalize.std).view(1, -1, 1, 1) * 255
+
+    def __call__(self, images: Tensor | list[Tensor], generator: torch.Generator) -> Tensor:
+        """Float (N, C, H, W) normalised images; `images` are uint8 in [0, 255]."""
+        for step in self.steps:
+            if isinstance(step, (v2.Resize, v2.CenterCrop)):
+                images = [step(image) for image in images] if isinstance(images, list) else step(images)
+            elif isinstance(step, v2.RandomResizedCrop):
+                images = random_resized_crop(images, step, generator)
+            elif isinstance(step, v2.RandomCrop):
+                images = random_crop(_stack(images), step, generator)
+            else:
+                flips = torch.rand(len(images), generator=generator) < step.p
+                images = _stack(images)
+                images = torch.where(flips.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
+        images = _stack(images).float()
+        return (images - self.mean.to(images.device)) / self.std.to(images.device)
+
+
+def _stack(images: Tensor | list[Tensor]) -> Tensor:
+    if isinstance(images, Tensor):
+        return images
+    sizes = {tuple(image.shape) for image in images}
+    if len(sizes) > 1:
+        raise SetrainError(
+            "data.pipeline=device needs a resize or crop to one size before this step of data.augment; "
+            "use data.pipeline=workers."
+        )
+    return torch.stack(images)
+
+
+def crop_boxes(heights: Tensor, widths: Tensor, step: v2.RandomResizedCrop, generator: torch.Generator) -> Tensor:
+    """(N, 4) boxes (top, left, height, width) drawn as torchvision's RandomResizedCrop draws one:
+    up to 10 tries of area and aspect per image, else the centre crop of the clamped aspect."""
+    tries, n = 10, len(heights)
+    area = (heights * widths).double()[:, None]
+    target = area * torch.empty(n, tries).uniform_(*step.scale, generator=generator).double()
+    log_ratio = torch.log(torch.tensor(step.ratio, dtype=torch.float64))
+    aspect = torch.exp(torch.empty(n, tries, dtype=torch.float64).uniform_(*log_ratio, generator=generator))
+    w = torch.sqrt(target * aspect).round().long()
+    h = torch.sqrt(target / aspect).round().long()
+    fits = (w > 0) & (h > 0) & (w <= widths[:, None]) & (h <= heights[:, None])
+    first = fits.long().argmax(dim=1)
+    w, h = w.gather(1, first[:, None])[:, 0], h.gather(1, first[:, None])[:, 0]
+    found = fits.any(dim=1)
+    # torchvision's fallback: the whole image, cropped to the nearest allowed aspect.
+    aspect = (widths / heights).clamp(min(step.ratio), max(step.ratio))
+    w = torch.where(found, w, torch.minimum(widths, (heights * aspect).round().long()))
+    h = torch.where(found, h, torch.minimum(heights, (widths / aspect).round().long()))
+    top = (torch.rand(n, generator=generator) * (heights - h + 1)).long()
+    left = (torch.rand(n, generator=generator) * (widths - w + 1)).long()
+    top = torch.where(found, top, (heights - h) // 2)
+    left = torch.where(found, left, (widths - w) // 2)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def random_resized_crop(images: Tensor | list[Tensor], step, generator) -> Tensor:
+    """A random crop of each image resized to step.size: one roi_align over a stacked batch (its
+    adaptive sampling averages the pixels of each output cell, like antialiasing), per image on a list."""
+    heights = torch.tensor([image.shape[-2] for image in images])
+    widths = torch.tensor([image.shape[-1] for image in images])
+    boxes = crop_boxes(heights, widths, step, generator)
+    if isinstance(images, list):
+        return torch.stack([
+            F.resized_crop(image, *box.tolist(), size=step.size, antialias=True) for image, box in zip(images, boxes)
+        ])  # fmt: skip
+    top, left, h, w = boxes.double().unbind(1)
+    rois = torch.stack([torch.arange(len(images)).double(), left, top, left + w, top + h], dim=1)
+    rois = rois.to(images.device, torch.float32)
+    return roi_align(images.float(), rois, list(step.size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def random_crop(images: Tensor, step: v2.RandomCrop, generator: torch.Generator) -> Tensor:
+    """Pad the batch, then one gather takes each image's own random crop of step.size."""
+    if step.padding is not None:
+        left, top, right, bottom = step.padding
+        images = nnf.pad(images, (left, right, top, bottom), mode="constant", value=0)
+    n, _, height, width = images.shape
+    out_h, out_w = step.size
+    top = (torch.rand(n, generator=generator) * (height - out_h + 1)).long().to(images.device)
+    left = (torch.rand(n, generator=generator) * (width - out_w + 1)).long().to(images.device)
+    rows = (top[:, None] + torch.arange(out_h, device=images.device))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(out_w, device=images.device))[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return images[batch, channels, rows, cols]
+
+
+def epoch_order(size: int, batch_size: int, epoch_seed: int | None, rank: int, world_size: int) -> list[Tensor]:
+    """This process's index batches of an epoch: shuffled by `epoch_seed` and only full batches
+    (training), or in order with a last partial batch (None: validation); under torchrun every
+    world_size-th index, so each sample is seen once across processes."""
+    if epoch_seed is None:
+        return list(torch.arange(rank, size, world_size).split(batch_size))
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(epoch_seed))
+    order = order[: size // world_size * world_size][rank::world_size]
+    full = len(order) // batch_size * batch_size
+    return list(order[:full].split(batch_size))
+
+
+def batch_generator(epoch_seed: int, rank: int, index: int) -> torch.Generator:
+    """The augmentation draws of one batch depend on nothing but its place in the run."""
+    return torch.Generator().manual_seed((epoch_seed * 1009 + rank) * 1_000_003 + index)
+
+
+def is_jpeg(data: Tensor) -> bool:
+    return len(data) > 2 and data[0].item() == 0xFF and data[1].item() == 0xD8
+
+
+def decode_images(encoded: list[Tensor], paths: list[str], device: torch.device) -> list[Tensor]:
+    """uint8 RGB (3, H, W) images on `device`: JPEGs in one batched call (nvJPEG on CUDA); a file
+    that fails there (CMYK, damaged) or is no JPEG is read by PIL, which names a corrupt file."""
+    from setrain.data.folders import load_rgb  # folders imports this module
+
+    jpegs = [i for i, data in enumerate(encoded) if is_jpeg(data)]
+    images: list[Tensor | None] = [None] * len(encoded)
+    try:
+        for i, image in zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)):
+            images[i] = image
+    except RuntimeError:
+        pass  # one file the batch decoder cannot read fails the batch: PIL takes the others too
+    for i, image in enumerate(images):
+        if image is None:
+            images[i] = F.pil_to_tensor(load_rgb(paths[i])).to(device)
+    return images
+
+
+class EncodedFiles(Dataset):
+    """(file bytes, label, path) of an image folder: all a worker does on the device pipeline."""
+
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
+        path, label = self.samples[index]
+        return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), label, path
+
+
+def _collate_files(items: list) -> tuple[list[Tensor], Tensor, list[str]]:
+    encoded, labels, paths = zip(*items)
+    return list(encoded), torch.tensor(labels), list(paths)
+
+
+class ChangingBatches:
+    """A batch sampler whose batches the main process swaps between epochs, so the byte-reading
+    workers can stay alive (the loader's sampler is iterated in the main process)."""
+
+    def __init__(self):
+        self.batches: list[Tensor] = []
+
+    def __iter__(self):
+        return (batch.tolist() for batch in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class DeviceBatches:
+    """An epoch of (images, labels) on the device, used like a DataLoader: len(), iteration,
+    and `batches(start)` that begins an epoch at a batch without preparing the ones before."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, train: bool,
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1):  # fmt: skip
+        self.device, self.train, self.rank, self.world_size = device, train, rank, world_size
+        self.batch_size, self.epoch_seed = batch_size, 0
+        inner, indices = _unwrap(dataset)
+        self.transform = BatchTransform(inner.transform)
+        self.files = hasattr(inner, "samples")
+        if self.files:
+            self.samples = [inner.samples[i] for i in indices]
+            self.sampler = ChangingBatches()
+            self.reader = DataLoader(
+                EncodedFiles(self.samples), batch_sampler=self.sampler, num_workers=num_workers,
+                collate_fn=_collate_files, persistent_workers=num_workers > 0,
+            )  # fmt: skip
+        else:
+            images, labels = _arrays(inner)
+            self.images, self.labels = images[indices].to(device), labels[indices].to(device)
+        self.size = len(indices)
+
+    def set_epoch(self, epoch_seed: int) -> None:
+        self.epoch_seed = epoch_seed
+
+    def _order(self) -> list[Tensor]:
+        seed = self.epoch_seed if self.train else None
+        return epoch_order(self.size, self.batch_size, seed, self.rank, self.world_size)
+
+    def __len__(self) -> int:
+        return len(self._order())
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.batches(0)
+
+    def batches(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self._order()[start:]
+        if self.files:
+            self.sampler.batches = order
+            raw = iter(self.reader)
+        else:
+            raw = ((self.images[batch.to(self.device)], self.labels[batch.to(self.device)]) for batch in order)
+        return prefetched((self._prepare(item, start + offset) for offset, item in enumerate(raw)), self.device)
+
+    def _prepare(self, item, index: int) -> tuple[Tensor, Tensor]:
+        if self.files:
+            encoded, labels, paths = item
+            images = decode_images(encoded, paths, self.device)
+            labels = labels.to(self.device)
+        else:
+            images, labels = item
+        return self.transform(images, batch_generator(self.epoch_seed, self.rank, index)), labels
+
+
+def _unwrap(dataset: Dataset) -> tuple[Dataset, list[int]]:
+    """The dataset under any Subsets (a held-out split, a process's share) and the indices into it."""
+    indices = list(range(len(dataset)))
+    while isinstance(dataset, Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def _arrays(dataset: Dataset) -> tuple[Tensor, Tensor]:
+    """uint8 (N, C, H, W) images and labels of an in-memory dataset (torchvision's CIFAR and STL10, shapes)."""
+    images = torch.as_tensor(dataset.images if hasattr(dataset, "images") else dataset.data)
+    if images.shape[-1] == 3:  # CIFAR stores (N, H, W, C)
+        images = images.permute(0, 3, 1, 2)
+    labels = getattr(dataset, "targets", None)
+    labels = dataset.labels if labels is None else labels
+    return images.contiguous(), torch.as_tensor(labels, dtype=torch.long)
+
+
+def prefetched(batches: Iterator, device: torch.device) -> Iterator:
+    """Prepare up to PREFETCH_BATCHES batches ahead in a thread, on a side CUDA stream when on
+    CUDA; a batch is handed over only once its work is done, and an error is raised here."""
+    handover: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+    stop = threading.Event()
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def offer(item) -> bool:
+        """Hand `item` over unless the consumer has stopped; True when the producer may go on."""
+        while not stop.is_set():
+            try:
+                handover.put(item, timeout=0.1)
+                return item[0] is not None and not isinstance(item[0], BaseException)
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            going = True
+            while going:
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    batch = next(batches, None)
+                    event = stream.record_event() if stream is not None else None
+                going = offer((batch, event))
+        except BaseException as error:  # re-raised in the consuming thread
+            offer((error, None))
+
+    worker = threading.Thread(target=produce, daemon=True, name="setrain-prefetch")
+    worker.start()
+    try:
+        while (item := handover.get())[0] is not None:
+            batch, event = item
+            if isinstance(batch, BaseException):
+                raise batch
+            if event is not None:
+                main = torch.cuda.current_stream(device)
+                main.wait_event(event)
+                for tensor in batch:
+                    tensor.record_stream(main)
+            yield batch
+    finally:
+        stop.set()
+        worker.join()

@@ -1,0 +1,175 @@
+"""data.pipeline=device: whole batches decoded and augmented on the training device. The same
+code runs on CPU tensors, so everything but nvJPEG and the CUDA stream is tested here."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from conftest import assert_user_error, compose_config, run_cli
+from formats import write_cifar10, write_image, write_image_folder
+from setrain.data import build_data
+from setrain.data.on_device import BatchTransform, crop_boxes, epoch_order
+from setrain.data.transforms import build_transforms, resize_centre_crop
+from setrain.engine.checkpoint import load_checkpoint
+from setrain.engine.trainer import train
+from setrain.errors import SetrainError
+from test_engine import resume_mid_epoch_and_compare
+
+CPU = torch.device("cpu")
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def photos(count: int, seed: int = 0) -> list[torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    return [torch.from_numpy(rng.integers(0, 256, (3, int(rng.integers(40, 90)), int(rng.integers(40, 90))), dtype=np.uint8)) for _ in range(count)]  # fmt: skip
+
+
+def test_validation_of_photos_equals_the_per_image_transform():
+    _, val = build_transforms("imagenet", 32, [], MEAN, STD, val_base=resize_centre_crop(32, 0.875))
+    images = photos(6)
+    batch = BatchTransform(val)(images, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(batch, torch.stack([val(image) for image in images]), rtol=0, atol=1e-5)
+
+
+def test_pad_crop_flip_takes_each_image_from_its_padded_copy():
+    train_recipe, _ = build_transforms("cifar", 16, [], MEAN, STD)
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    out = BatchTransform(train_recipe)(images, torch.Generator().manual_seed(1))
+    pixels = out * torch.tensor(STD).view(1, 3, 1, 1) * 255 + torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2)).float()
+    kinds = set()
+    for image, result in zip(padded, pixels):
+        matches = [
+            (top, left, flipped)
+            for top in range(5) for left in range(5) for flipped in (False, True)
+            if torch.allclose(result, (image.flip(-1) if flipped else image)[:, top:top + 16, left:left + 16], atol=1e-3)
+        ]  # fmt: skip
+        assert matches, "a crop that is no window of the padded image"
+        kinds.add(matches[0])
+    assert len(kinds) > 10 and {flipped for *_, flipped in kinds} == {False, True}
+
+
+def test_random_resized_crop_boxes_follow_torchvision_limits():
+    step = v2.RandomResizedCrop(24, antialias=True)
+    heights, widths = torch.randint(30, 200, (500,)), torch.randint(30, 200, (500,))
+    top, left, h, w = crop_boxes(heights, widths, step, torch.Generator().manual_seed(0)).unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= heights).all() and (left + w <= widths).all()
+    area = (h * w) / (heights * widths)
+    assert area.min() >= 0.07 and area.max() <= 1 and area.std() > 0.15
+    aspect = w / h
+    assert aspect.min() > 0.7 and aspect.max() < 1.4
+
+
+def test_random_resized_crop_on_a_batch_matches_the_per_image_kernel():
+    """roi_align over a stacked batch against torchvision's resized_crop, image by image."""
+    recipe = v2.Compose([v2.RandomResizedCrop(24, scale=(0.5, 1.0), antialias=True), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])  # fmt: skip
+    images = torch.nn.functional.interpolate(torch.rand(8, 3, 12, 12), size=64, mode="bilinear")
+    images = (images * 255).round().to(torch.uint8)
+    batched = BatchTransform(recipe)(images, torch.Generator().manual_seed(3))
+    one_by_one = BatchTransform(recipe)(list(images), torch.Generator().manual_seed(3))
+    assert (batched - one_by_one).abs().mean() < 0.05  # smooth images: both filters agree closely
+
+
+def test_epoch_order_shards_without_overlap_and_depends_on_the_epoch_seed():
+    ranks = [torch.cat(epoch_order(103, 10, epoch_seed=7, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 50 and not set(ranks[0].tolist()) & set(ranks[1].tolist())
+    assert torch.equal(torch.cat(epoch_order(103, 10, 7, 0, 1)), torch.cat(epoch_order(103, 10, 7, 0, 1)))
+    assert not torch.equal(torch.cat(epoch_order(103, 10, 7, 0, 1)), torch.cat(epoch_order(103, 10, 8, 0, 1)))
+    val = torch.cat(epoch_order(103, 10, None, 0, 1))
+    assert torch.equal(val, torch.arange(103))
+
+
+def shapes_data(pipeline: str, **options):
+    config = {"name": "shapes", "image_size": 16, "train_size": 64, "val_size": 20, "seed": 0,
+              "batch_size": 16, "num_workers": 0, "pipeline": pipeline, **options}  # fmt: skip
+    return build_data(config, CPU)
+
+
+def test_device_pipeline_gives_the_workers_images_without_augmentation():
+    device, workers = shapes_data("device"), shapes_data("workers")
+    device_val = torch.cat([images for images, _ in device.val_loader])
+    workers_val = torch.cat([images for images, _ in workers.val_loader])
+    torch.testing.assert_close(device_val, workers_val, rtol=0, atol=1e-5)
+    assert len(device.train_loader) == len(workers.train_loader) == 4
+
+
+def test_device_batches_depend_only_on_seed_epoch_and_index(tmp_path):
+    root = write_cifar10(tmp_path / "datasets", train_per_batch=16)
+    config = {"name": "cifar10", "root": str(root.parent), "batch_size": 8, "num_workers": 0, "pipeline": "device", "augment": "cifar", "image_size": 32}  # fmt: skip
+    data = build_data(config, CPU)
+    data.set_epoch(seed=0, epoch=1)
+    epoch_1 = list(data.train_batches())
+    assert [len(labels) for _, labels in epoch_1] == [8] * 10
+    tail = list(data.train_batches(start=4))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(epoch_1[4:], tail))
+    data.set_epoch(seed=0, epoch=2)
+    assert not torch.equal(next(iter(data.train_batches()))[0], epoch_1[0][0])
+
+
+def test_files_of_every_kind_decode_and_a_corrupt_one_is_named(tmp_path):
+    root = write_image_folder(tmp_path / "tree" / "train", ["a", "b"], per_class=4)
+    write_image_folder(tmp_path / "tree" / "val", ["a", "b"], per_class=2)
+    Image.new("CMYK", (50, 40), (10, 200, 30, 0)).save(root / "a" / "cmyk.jpg")
+    Image.new("L", (45, 60), 128).save(root / "b" / "gray.jpg")
+    write_image(root / "b" / "photo.bmp", np.random.default_rng(0), (50, 50))
+    config = {"name": "folder", "root": str(tmp_path / "tree"), "image_size": 24, "batch_size": 4, "num_workers": 0, "pipeline": "device"}  # fmt: skip
+    data = build_data(config, CPU)
+    data.set_epoch(0, 1)
+    batches = list(data.train_batches())
+    assert len(batches) == 2 and all(images.shape == (4, 3, 24, 24) for images, _ in batches)
+    (root / "a" / "a_1.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    with pytest.raises(SetrainError, match="a_1.jpg.*cannot be decoded|a_1.jpg.*not an image"):
+        for epoch in (2, 3, 4):
+            data.set_epoch(0, epoch)
+            list(data.train_batches())
+
+
+def test_unsupported_recipe_says_to_use_workers(tmp_path):
+    recipe = v2.Compose([v2.ToImage(), v2.ColorJitter(0.4), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])  # fmt: skip
+    with pytest.raises(SetrainError, match="ColorJitter.*data.pipeline=workers"):
+        BatchTransform(recipe)
+
+
+def test_unknown_pipeline_is_one_sentence(tmp_path):
+    assert_user_error(run_cli("data.pipeline=gpu", "trainer.device=cpu", cwd=tmp_path), "data.pipeline='gpu' is not known")
+
+
+def test_cpu_defaults_stay_fp32_nchw_workers(tiny_config, tmp_path):
+    results = train(tiny_config("trainer.epochs=1"), tmp_path)
+    assert results["precision"] == "32"
+    config = compose_config()
+    assert (config.trainer.precision, config.trainer.channels_last, config.data.pipeline) == ("auto", "auto", "auto")
+
+
+@pytest.mark.slow
+def test_device_pipeline_resumes_inside_an_epoch_exactly(tmp_path, monkeypatch):
+    """CIFAR files with random crops and flips drawn on the device: a run stopped mid-epoch and
+    resumed ends bitwise identical to the uninterrupted one."""
+    write_cifar10(tmp_path / "datasets", train_per_batch=16)
+    cifar = [
+        "data=cifar10", f"data.root={tmp_path / 'datasets'}", "data.pipeline=device", "data.batch_size=16",
+        "model=resnet20", "trainer.epochs=2", "trainer.checkpoint_every_n_steps=2", "trainer.device=cpu",
+    ]  # fmt: skip
+    interrupted = resume_mid_epoch_and_compare(
+        compose_config(*cifar), compose_config(*cifar, "resume=auto"), tmp_path, monkeypatch, step=4
+    )
+    assert (interrupted["epoch"], interrupted["epoch_progress"]["batches"]) == (0, 4)
+
+
+@pytest.mark.slow
+def test_image_folder_trains_through_the_cli_on_the_device_pipeline(tmp_path):
+    write_image_folder(tmp_path / "tree" / "train", ["cat", "dog"], per_class=8)
+    write_image_folder(tmp_path / "tree" / "val", ["cat", "dog"], per_class=3)
+    result = run_cli(
+        "data=folder", f"data.root={tmp_path / 'tree'}", "data.image_size=32", "data.batch_size=8",
+        "data.pipeline=device", "data.num_workers=1", "model=resnet20", "trainer.epochs=1",
+        "trainer.device=cpu", "hydra.run.dir=run", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["final"]["train_images_per_s"] > 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
