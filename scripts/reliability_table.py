@@ -97,8 +97,13 @@ def write(path: str, make: Callable[[Path], None]) -> Callable[[Path], None]:
 
 
 class RunsCode:
+    """Unpickling it calls function(*args), which makes the file `code_ran`."""
+
+    def __init__(self, function, *args):
+        self.call = function, args
+
     def __reduce__(self):
-        return (open, ("code_ran", "w"))
+        return self.call
 
 
 def drop_class(root: Path) -> None:
@@ -160,7 +165,8 @@ CASES = {
         Case("random bytes", ["resume=random.pt"], "test_engine.py::test_unreadable_checkpoints_are_refused", setup=lambda root: (root / "random.pt").write_bytes(random.Random(0).randbytes(4096))),
         Case("truncated file", ["resume=auto", "hydra.run.dir=run"], "test_cli.py::test_corrupt_checkpoint_is_refused_and_nothing_is_overwritten", setup=then(trained(*TINY), truncate("run/checkpoints/last.pt")), hidden=TINY),
         Case("weights, not a training checkpoint", ["resume=weights.pt"], "test_engine.py::test_truncated_checkpoint_and_foreign_dict_are_refused", setup=lambda root: torch.save({"fc.weight": torch.zeros(10, 64)}, root / "weights.pt")),
-        Case("pickle that would run code (it does not run: no file `code_ran` appears)", ["resume=evil.pt"], "test_reliability.py::test_checkpoint_whose_pickle_would_run_code_is_refused_through_the_cli", setup=lambda root: torch.save({"model": RunsCode(), "optimizer": {}, "scheduler": {}, "epoch": 1}, root / "evil.pt")),
+        Case("pickle that would run code (it does not run: no file `code_ran` appears)", ["resume=evil.pt"], "test_reliability.py::test_checkpoint_whose_pickle_would_run_code_is_refused_through_the_cli", setup=lambda root: torch.save({"model": RunsCode(open, "code_ran", "w"), "optimizer": {}, "scheduler": {}, "epoch": 1}, root / "evil.pt")),
+        Case("... calling a function of `os` (no file `code_ran` appears)", ["resume=evil.pt"], "test_reliability.py::test_checkpoint_whose_pickle_would_run_code_is_refused_through_the_cli", setup=lambda root: torch.save({"model": RunsCode(os.open, "code_ran", os.O_CREAT)}, root / "evil.pt")),
         Case("checkpoint of another model", ["resume=plain/checkpoints/last.pt"], "test_reliability.py::test_resume_from_a_checkpoint_of_another_model_is_refused_unless_forced", setup=trained(*TINY, "model=resnet20", run_dir="plain"), hidden=TINY),
         Case("... and forced anyway", ["resume=plain/checkpoints/last.pt", "resume_force=true"], "test_reliability.py::test_resume_from_a_checkpoint_of_another_model_is_refused_unless_forced", setup=trained(*TINY, "model=resnet20", run_dir="plain"), hidden=TINY),
         Case("unreadable pretrained weights", ["model.pretrained=broken.pt"], "test_pretrained.py::test_cli_trains_from_imported_weights", setup=lambda root: (root / "broken.pt").write_bytes(b"not a torch file")),

@@ -185,17 +185,18 @@ def test_labels_outside_the_classes_are_refused(tmp_path):
 
 
 class RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
+    def __init__(self, function, *args):
+        self.call = function, args
 
     def __reduce__(self):
-        return (open, (self.marker, "w"))  # unpickling would create the marker file
+        return self.call  # unpickling calls function(*args)
 
 
 @pytest.mark.slow
-def test_checkpoint_whose_pickle_would_run_code_is_refused_through_the_cli(tmp_path):
+@pytest.mark.parametrize("function, args", [(open, ("w",)), (os.open, (os.O_CREAT,))])  # unsupported, blocked
+def test_checkpoint_whose_pickle_would_run_code_is_refused_through_the_cli(tmp_path, function, args):
     marker, evil = tmp_path / "code_ran", tmp_path / "evil.pt"
-    torch.save({"model": RunsCode(str(marker)), "optimizer": {}, "scheduler": {}, "epoch": 1}, evil)
+    torch.save({"model": RunsCode(function, str(marker), *args), "optimizer": {}, "scheduler": {}, "epoch": 1}, evil)
     torch.load(evil, weights_only=False)
     assert marker.is_file()  # the payload works where a loader trusts the file
     marker.unlink()

@@ -1,10 +1,18 @@
 """Reading torch files as data: checkpoints and imported weights share one safe loader."""
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
 
 from setrain.errors import SetrainError
+
+# How torch's weights_only unpickler refuses a class or function it does not allow: "Unsupported
+# global: GLOBAL x", "GLOBAL posix.system whose module posix is blocked", and refused calls or builds.
+REFUSED_CODE = re.compile(
+    r"GLOBAL \S+ (was not an allowed|whose module)|unrecognized function|Can only (build|create)"
+)
 
 
 def load_torch_file(path: Path, what: str, missing_fix: str, unreadable_fix: str):
@@ -16,7 +24,7 @@ def load_torch_file(path: Path, what: str, missing_fix: str, unreadable_fix: str
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged file
-        if "Unsupported global" in str(error):  # what weights_only refuses to unpickle
+        if isinstance(error, pickle.UnpicklingError) and REFUSED_CODE.search(str(error)):
             raise SetrainError(
                 f"{what} holds pickled Python objects, which could run code, so it is not loaded; "
                 "save tensors only, e.g. torch.save(model.state_dict(), path)."
