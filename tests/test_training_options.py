@@ -1,6 +1,7 @@
 """The engine's optimisation and speed options (configs/trainer, optimizer, scheduler), each
 checked for the fact it promises, on tiny models and runs."""
 
+import logging
 import resource
 import subprocess
 import sys
@@ -228,3 +229,12 @@ def test_tensorboard_shows_steps_hparams_excitations_and_images(tiny_config, tmp
     content = runs.PluginRunToTagToContent("hparams")["."]["_hparams_/session_start_info"]
     hparams = HParamsPluginData.FromString(content).session_start_info.hparams
     assert hparams["model.se.reduction"].number_value == 16 and hparams["model.name"].string_value == "se_resnet20"
+
+
+def test_without_a_terminal_progress_is_logged_every_n_steps(tiny_config, tmp_path, caplog):
+    """Under SLURM or nohup the bar is off: a line per log_every_n_steps with loss, lr and speed."""
+    with caplog.at_level(logging.INFO, logger="setrain.engine.trainer"):
+        train(tiny_config("trainer.epochs=1", "trainer.log_every_n_steps=2"), tmp_path)
+    lines = [record.getMessage() for record in caplog.records if " step " in record.getMessage()]
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/1 step 2/4", "epoch 1/1 step 4/4"]
+    assert all(line.endswith("img/s") and float(line.split()[-2]) > 0 for line in lines)

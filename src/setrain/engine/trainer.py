@@ -286,18 +286,27 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
             bar = tqdm(
                 batches, total=num_batches, initial=totals.batches, desc=f"{progress} train", leave=False,
                 dynamic_ncols=True, disable=None if processes.is_main else True,
+                unit="img", unit_scale=cfg.data.batch_size * processes.world_size,
             )  # fmt: skip
             epoch_start, seen_before = time.perf_counter(), totals.seen
+            logged_at, logged_seen = epoch_start, seen_before
             for loss in train_steps(train_model, recipe, optimizer, bar, num_batches, device, totals):
                 global_step += 1
                 at_log_step = global_step % trainer.log_every_n_steps == 0
                 if at_log_step:
                     step_loss = loss.item()
                     _check_finite(step_loss, f"{progress}, step {global_step}")
-                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
+                    step_lr = optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{step_lr:.3g}", refresh=False)
+                    if bar.disable:  # no terminal (SLURM, nohup): a log line instead of the bar
+                        now = time.perf_counter()
+                        speed = (totals.seen - logged_seen) * processes.world_size / (now - logged_at)
+                        log.info("%s step %d/%d  loss %.3f  lr %.3g  %.0f img/s", progress, totals.batches,
+                                 num_batches, step_loss, step_lr, speed)  # fmt: skip
+                        logged_at, logged_seen = now, totals.seen
                     if writer is not None:
                         writer.add_scalar("loss/train_step", step_loss, global_step)
-                        writer.add_scalar("lr/step", optimizer.param_groups[0]["lr"], global_step)
+                        writer.add_scalar("lr/step", step_lr, global_step)
                 # Processes agree on stopping where they already synchronise: at logging steps.
                 stopping = stop.requested if not processes.distributed else (
                     at_log_step and sum_across(processes, torch.tensor(float(stop.requested), device=device))[0].item() > 0
