@@ -11,6 +11,7 @@ missing from tests/ stops the script, so the table cannot cite a test that does 
 
 import argparse
 import os
+import pickle
 import random
 import shlex
 import signal
@@ -156,6 +157,7 @@ CASES = {
         Case("no validation folder", ["data=folder"], "test_data.py::test_folder_layout_errors_name_the_path_and_the_fix", setup=folder_tree("4 classes")),
         Case("corrupt image", FOLDER, "test_cli.py::test_corrupt_image_in_a_worker_is_one_line_naming_the_file", setup=folder_tree("corrupt image"), hidden=["trainer.epochs=1"]),
         Case("truncated CIFAR batch", ["data=cifar10"], "test_data.py::test_truncated_cifar_batch_is_a_clear_error", setup=then(write("datasets", write_cifar10), truncate("datasets/cifar-10-batches-py/data_batch_3", 0.01))),
+        Case("CIFAR batch whose pickle would run code (no file `code_ran` appears)", ["data=cifar10"], "test_reliability.py::test_dataset_file_whose_pickle_would_run_code_is_refused_through_the_cli", setup=then(write("datasets", write_cifar10), write("datasets/cifar-10-batches-py/data_batch_1", lambda path: path.write_bytes(pickle.dumps({"data": RunsCode(open, "code_ran", "w")}))))),
         Case("truncated STL10 binary", ["data=stl10"], "test_data.py::test_truncated_stl10_file_is_a_clear_error", setup=then(write("datasets", write_stl10), truncate("datasets/stl10_binary/train_X.bin", 0.9))),
         Case("labels outside the classes", ["data=stl10"], "test_reliability.py::test_labels_outside_the_classes_are_refused", setup=then(write("datasets", write_stl10), lambda root: (root / "datasets/stl10_binary/train_y.bin").write_bytes(bytes([1, 11] * 10)))),
         Case("dataset smaller than one batch", ["data=cifar10", "data.batch_size=64"], "test_data.py::test_file_dataset_smaller_than_one_batch_names_its_root", setup=write("datasets", write_cifar10)),

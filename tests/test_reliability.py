@@ -7,6 +7,7 @@ including those tested beside the feature they guard (test_data.py, test_engine.
 """
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from conftest import REPO_ROOT, TINY, assert_user_error, compose_config, run_cli
-from formats import write_stl10
+from formats import write_cifar10, write_cifar100, write_stl10
 from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
 from setrain.data import build_data
 from setrain.engine import train
@@ -37,6 +38,14 @@ def assert_one_line(result: subprocess.CompletedProcess, message: str) -> None:
     assert_user_error(result)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"setrain: error: {message}"], result.stderr
+
+
+class RunsCode:
+    def __init__(self, function, *args):
+        self.call = function, args
+
+    def __reduce__(self):
+        return self.call  # unpickling calls function(*args)
 
 
 def checked(*overrides: str) -> None:
@@ -181,15 +190,47 @@ def test_labels_outside_the_classes_are_refused(tmp_path):
         build_data({"name": "stl10", "batch_size": 4, "num_workers": 0, "root": str(tmp_path)}, CPU)
 
 
+@pytest.mark.slow
+def test_dataset_file_whose_pickle_would_run_code_is_refused_through_the_cli(tmp_path):
+    marker, batch = tmp_path / "code_ran", write_cifar10(tmp_path / "data") / "data_batch_1"
+    batch.write_bytes(pickle.dumps({"data": RunsCode(open, str(marker), "w"), "labels": [0]}))
+    pickle.loads(batch.read_bytes())
+    assert marker.is_file()  # the payload works where a loader trusts the file
+    marker.unlink()
+    data = ["data=cifar10", f"data.root={tmp_path / 'data'}", "trainer.device=cpu"]
+    result = run_cli(*data, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_one_line(
+        result,
+        f"CIFAR-10 file {batch} holds pickled Python code (io.open), which the official files do not, so it is "
+        "not read; replace it with a fresh copy of https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz.",
+    )
+    assert not marker.exists()
+
+
+def test_cifar100_metadata_whose_pickle_would_run_code_is_refused(tmp_path):
+    meta = write_cifar100(tmp_path) / "meta"
+    meta.write_bytes(pickle.dumps({"fine_label_names": RunsCode(os.open, str(tmp_path / "code_ran"), os.O_CREAT)}))
+    with pytest.raises(SetrainError, match=rf"CIFAR-100 file {meta} holds pickled Python code \(posix.open\)"):
+        build_data({"name": "cifar100", "batch_size": 4, "num_workers": 0, "root": str(tmp_path)}, CPU)
+    assert not (tmp_path / "code_ran").exists()
+
+
+@pytest.mark.parametrize("protocol", range(2, pickle.HIGHEST_PROTOCOL + 1))
+def test_cifar_batches_of_arrays_load_at_every_pickle_protocol(tmp_path, protocol):
+    """The official files are Python 2 pickles (protocol 2); a re-pickled copy names other numpy functions."""
+    for batch in write_cifar10(tmp_path).iterdir():
+        batch.write_bytes(pickle.dumps(pickle.loads(batch.read_bytes()), protocol=protocol))
+    data = build_data({"name": "cifar10", "batch_size": 4, "num_workers": 0, "root": str(tmp_path)}, CPU)
+    assert len(data.train_loader.dataset) == 40 and data.classes[0] == "airplane"
+
+
+def test_cifar_batch_that_is_not_a_dict_is_refused(tmp_path):
+    (write_cifar10(tmp_path) / "test_batch").write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(SetrainError, match=r"Could not read CIFAR-10 .* \(TypeError: .*not in the official format"):
+        build_data({"name": "cifar10", "batch_size": 4, "num_workers": 0, "root": str(tmp_path)}, CPU)
+
+
 # Checkpoints
-
-
-class RunsCode:
-    def __init__(self, function, *args):
-        self.call = function, args
-
-    def __reduce__(self):
-        return self.call  # unpickling calls function(*args)
 
 
 @pytest.mark.slow

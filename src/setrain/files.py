@@ -1,4 +1,5 @@
-"""Reading torch files as data: checkpoints and imported weights share one safe loader."""
+"""Reading files as data, never as code: checkpoints and imported weights share one safe torch
+loader, and pickled datasets (CIFAR's batches) one unpickler that only rebuilds arrays."""
 
 import pickle
 import re
@@ -33,3 +34,37 @@ def load_torch_file(path: Path, what: str, missing_fix: str, unreadable_fix: str
             f"{what} cannot be read ({type(error).__name__}): it is truncated, corrupt or not a "
             f"PyTorch file; {unreadable_fix}."
         ) from error
+
+
+class CodeInPickle(pickle.UnpicklingError):
+    """A pickled data file names a class or function that plain data and arrays do not need."""
+
+    def __init__(self, path: str, call: str):
+        super().__init__(f"{path} would call {call}")
+        self.path, self.call = path, call
+
+
+class DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays, and refuses any other global,
+    which plain `pickle.load` would import and call: a crafted file would run code as it is read."""
+
+    # What rebuilding an array names: numpy 1 (the official CIFAR files) or 2, at any protocol.
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes, pickled at protocol 2
+    }  # fmt: skip
+
+    def __init__(self, file, **kwargs):
+        super().__init__(file, **kwargs)
+        self.path = getattr(file, "name", "<pickle>")
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise CodeInPickle(self.path, f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_data_pickle(file, **kwargs):
+    """`pickle.load(file, **kwargs)` that raises CodeInPickle instead of running a file's code."""
+    return DataOnlyUnpickler(file, **kwargs).load()

@@ -4,19 +4,26 @@ torchvision checks the md5 of every extracted file, which refuses any correctly 
 that is not byte-identical to the official one (a re-packed copy, or the small files the tests
 write). The subclasses here keep the md5 check where it protects users, on the downloaded
 archive, and only require the extracted files to be present; their format is checked by
-parsing them, and a file that does not parse gets a clear error. Each subclass also carries what
-one shared builder needs: its name, native image size, training-set mean/std and split arguments.
+parsing them, and a file that does not parse gets a clear error. Without the md5 a data folder is
+untrusted input, like a checkpoint: CIFAR's pickled batches are read by an unpickler that only
+rebuilds arrays (files.DataOnlyUnpickler), so a crafted one is refused instead of running code.
+Each subclass also carries what one shared builder needs: its name, native image size,
+training-set mean/std and split arguments.
 """
 
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from torch.utils.data import Dataset
 from torchvision import datasets
+from torchvision.datasets import cifar
 
 from setrain.data.transforms import build_transforms, resize_to
 from setrain.errors import SetrainError
+from setrain.files import CodeInPickle, load_data_pickle
 
 
 def _presence_only(file_list: list) -> list:
@@ -57,12 +64,29 @@ class STL10Files(datasets.STL10):
     split_arguments = {"split": "train"}, {"split": "test"}
 
 
+@contextmanager
+def _data_only_pickles():
+    """torchvision's CIFAR reads its files with `pickle.load`, which calls whatever a file names:
+    while a dataset is built, its `pickle` is one that refuses to (load_data_pickle)."""
+    cifar.pickle = SimpleNamespace(load=load_data_pickle)
+    try:
+        yield
+    finally:
+        cifar.pickle = pickle
+
+
 def _load(dataset_class, root: Path, download: bool, description: str, **kwargs):
     """Build a torchvision dataset, turning its download, missing-file and format errors into one sentence."""
     expected, url = root / dataset_class.base_folder, dataset_class.url
     try:
-        dataset = dataset_class(root, download=download, **kwargs)
-    except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as error:
+        with _data_only_pickles():
+            dataset = dataset_class(root, download=download, **kwargs)
+    except CodeInPickle as error:
+        raise SetrainError(
+            f"{description} file {error.path} holds pickled Python code ({error.call}), which the "
+            f"official files do not, so it is not read; replace it with a fresh copy of {url}."
+        ) from error
+    except (RuntimeError, OSError, ValueError, TypeError, EOFError, KeyError, pickle.UnpicklingError) as error:
         reason = f"{type(error).__name__}: {error}"
         if download:
             raise SetrainError(
