@@ -11,12 +11,13 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from setrain.errors import SetrainError
+from setrain.models.fused_se import fused_setting, se_residual_tail, takes_fused_path
 from setrain.models.layers import conv_bn_relu
 from setrain.models.registry import register_model
 from setrain.models.se import SEBlock, check_choice, check_se_options
 
 PLACEMENTS = ("standard", "pre", "post", "identity")
-SE_OPTIONS = ("reduction", "squeeze", "gate", "placement", "stages")
+SE_OPTIONS = ("reduction", "squeeze", "gate", "placement", "stages", "fused")
 
 
 def _projection(in_channels: int, out_channels: int, stride: int, kernel_size: int) -> nn.Module:
@@ -35,6 +36,8 @@ class BasicBlock(nn.Module):
     `placement` is where SE acts (TPAMI Sec. 6.5, Fig. 5): "standard" on the residual branch
     before the addition, "pre" on the input of the residual branch, "post" after the addition
     and its ReLU, "identity" on the shortcut, in parallel to the residual branch.
+    `fused` (True, False or "auto", see `fused_se`): the standard placement's last BN, SE,
+    addition and ReLU in a few passes, with the same parameters and results.
     """
 
     expansion = 1
@@ -47,6 +50,7 @@ class BasicBlock(nn.Module):
         se: dict | None = None,
         placement: str = "standard",
         down_kernel_size: int = 1,
+        fused=False,
         **branch_args,
     ):
         super().__init__()
@@ -55,6 +59,7 @@ class BasicBlock(nn.Module):
         se_channels = in_channels if placement == "pre" else out_channels
         self.se = SEBlock(se_channels, **se) if se is not None else nn.Identity()
         self.placement = placement
+        self.fused = fused if se is not None else False
         self.shortcut = _projection(in_channels, out_channels, stride, down_kernel_size)
         self.relu = nn.ReLU(inplace=True)
 
@@ -69,6 +74,12 @@ class BasicBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if takes_fused_path(self.fused, x):
+            *layers, bn = self.residual
+            branch = x
+            for layer in layers:
+                branch = layer(branch)
+            return se_residual_tail(branch, self.shortcut(x), bn, self.se)
         branch = self.residual(self.se(x) if self.placement == "pre" else x)
         if self.placement == "standard":
             branch = self.se(branch)
@@ -131,18 +142,19 @@ def _stem(kind: str, in_chans: int, width: int) -> tuple[nn.Sequential, int]:
     raise ValueError(f"unknown stem {kind!r}; expected 'imagenet', 'deep' or 'cifar'")
 
 
-def _se_per_stage(se: dict | None, num_stages: int) -> tuple[list[dict | None], str]:
-    """Split the SE options into the SEBlock options of each stage and the placement.
+def _se_per_stage(se: dict | None, num_stages: int) -> tuple[list[dict | None], str, object]:
+    """Split the SE options into the SEBlock options of each stage, the placement and `fused`.
 
     Stages are numbered as in the paper (TPAMI Sec. 6.4): the stem is stage 1, so the residual
     stages of ResNet-50 (conv2_x .. conv5_x) are 2..5; `stages=None` puts SE in all of them.
     """
     if se is None:
-        return [None] * num_stages, "standard"
+        return [None] * num_stages, "standard", False
     check_se_options(se, SE_OPTIONS)
     block_options = dict(se)
     placement = block_options.pop("placement", "standard")
     check_choice("placement", placement, PLACEMENTS)
+    fused = fused_setting(block_options.pop("fused", "auto"), placement, block_options.get("squeeze", "avg"))
     numbers = list(range(2, num_stages + 2))
     stages = block_options.pop("stages", None)
     stages = numbers if stages is None else list(stages)
@@ -151,14 +163,14 @@ def _se_per_stage(se: dict | None, num_stages: int) -> tuple[list[dict | None], 
             f"model.se.stages={stages} names stages this network does not have; its residual "
             f"stages are {numbers} (paper numbering: the stem is stage 1), or null for all."
         )
-    return [block_options if number in stages else None for number in numbers], placement
+    return [block_options if number in stages else None for number in numbers], placement, fused
 
 
 class ResNet(nn.Module):
     """A stem, stages of residual blocks (the first at stride 1, the rest at stride 2), a classifier.
 
     `stem`: "imagenet", "deep" (SENet-154) or "cifar", see `_stem`.
-    `se`: the SE options (reduction, squeeze, gate, placement, stages), or None for the plain
+    `se`: the SE options (reduction, squeeze, gate, placement, stages, fused), or None for the plain
     network. `block_args`: the block's branch options (groups, width_per_group, reduce_first).
     `down_kernel_size`: 3 gives SENet-154's 3x3 strided projection shortcuts.
     `dropout`: before the classifier (0.2 in SENet-154).
@@ -180,7 +192,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.native_input_size = 32 if stem == "cifar" else 224  # what the design was made for
         self.stem, in_channels = _stem(stem, in_chans, widths[0])
-        stage_se, placement = _se_per_stage(se, len(layers))
+        stage_se, placement, fused = _se_per_stage(se, len(layers))
         stages = []
         for index, (depth, width) in enumerate(zip(layers, widths)):
             blocks = []
@@ -189,7 +201,7 @@ class ResNet(nn.Module):
                 blocks.append(
                     block(
                         in_channels, width, stride, stage_se[index], placement, down_kernel_size,
-                        **(block_args or {}),
+                        fused, **(block_args or {}),
                     )
                 )
                 in_channels = width * block.expansion
@@ -214,7 +226,7 @@ class ResNet(nn.Module):
 
 
 # Every SE factory takes `**se`: the SE options of ResNet (reduction, squeeze, gate, placement,
-# stages), which configs/model/<name>.yaml lists under `se:`.
+# stages, fused), which configs/model/<name>.yaml lists under `se:`.
 
 # ImageNet ResNets (He et al. Table 1) and SE-ResNets (Hu et al. Table 1).
 

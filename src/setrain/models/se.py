@@ -55,7 +55,7 @@ class SEBlock(nn.Module):
             )
         check_choice("squeeze", squeeze, SQUEEZES)
         check_choice("gate", gate, tuple(GATES))
-        self.squeeze = squeeze
+        self.squeeze, self.gate = squeeze, gate
         self.excitation = nn.Sequential(
             nn.Linear(channels, hidden),
             nn.ReLU(inplace=True),

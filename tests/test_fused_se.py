@@ -1,0 +1,214 @@
+"""The fused SE tail computes the unfused block's function: outputs, gradients, running statistics."""
+
+import copy
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from setrain.errors import SetrainError
+from setrain.models import SEBlock, create_model, fused_se
+from setrain.models.resnet import BasicBlock, Bottleneck
+
+GATES = ["sigmoid", "tanh", "relu"]
+
+
+def randomise_norms(model: nn.Module) -> None:
+    """BN parameters and running statistics away from their initial 1s and 0s."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.5, 0.5)
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+
+
+def fused_pair(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The block unfused and a copy of it fused, with the same weights."""
+    torch.manual_seed(0)
+    randomise_norms(block)
+    block.fused = False
+    fused = copy.deepcopy(block)
+    for module in fused.modules():
+        if isinstance(module, BasicBlock):
+            module.fused = True
+    return block, fused
+
+
+def run(block: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_()
+    out = block(x)
+    out.backward(grad)
+    return out, x.grad
+
+
+def assert_same_step(block, fused, x, tolerance=dict(rtol=1e-5, atol=1e-5)):
+    """One forward and backward of each: equal outputs, input and parameter gradients, buffers."""
+    grad = torch.randn_like(block(x.clone()))  # one step more on both, so also buffers in eval
+    fused(x.clone())
+    expected, expected_grad = run(block, x, grad)
+    out, out_grad = run(fused, x, grad)
+    torch.testing.assert_close(out, expected, **tolerance)
+    assert out.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    torch.testing.assert_close(out_grad, expected_grad, **tolerance)
+    for (name, p), q in zip(block.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, **tolerance, msg=name)
+    for (name, b), c in zip(block.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(c, b, **tolerance, msg=name)
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+def test_basic_block_with_projection(gate, training, memory_format):
+    block, fused = fused_pair(BasicBlock(8, 16, 2, se=dict(reduction=4, gate=gate)))
+    block.train(training), fused.train(training)
+    x = torch.randn(3, 8, 6, 5).to(memory_format=memory_format)
+    assert_same_step(block, fused, x)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_bottleneck_with_identity_shortcut(groups):
+    block, fused = fused_pair(Bottleneck(32, 8, 1, se=dict(reduction=8), groups=groups, width_per_group=16))
+    x = torch.randn(2, 32, 5, 5).to(memory_format=torch.channels_last)
+    assert_same_step(block, fused, x)
+
+
+def test_fp64_is_exact_to_fp64_rounding():
+    block, fused = fused_pair(Bottleneck(16, 4, 2, se=dict(reduction=4)).double())
+    x = torch.randn(4, 16, 6, 6, dtype=torch.float64)
+    assert_same_step(block, fused, x, tolerance=dict(rtol=1e-12, atol=1e-12))
+
+
+def test_bf16_autocast_is_within_bf16_rounding_of_fp32():
+    """Fused under bf16 autocast is as close to the fp32 result as the unfused block is."""
+    block, fused = fused_pair(BasicBlock(16, 16, 1, se=dict(reduction=4)))
+    x = torch.randn(4, 16, 6, 6)
+    reference, reference_grad = run(copy.deepcopy(block), x, torch.ones(4, 16, 6, 6))
+    errors = []
+    for model in (block, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, grad = run(model, x, torch.ones(4, 16, 6, 6))
+        assert out.dtype == torch.bfloat16
+        errors.append(((out.float() - reference).abs().max(), (grad - reference_grad).abs().max()))
+    (unfused_out, unfused_grad), (fused_out, fused_grad) = errors
+    assert fused_out <= 2 * unfused_out + 1e-2 and fused_grad <= 2 * unfused_grad + 1e-2
+
+
+def test_whole_model_state_dict_and_training_steps_equal():
+    """Same keys as the unfused model; three SGD steps in train mode give the same weights."""
+    torch.manual_seed(0)
+    unfused = create_model("se_resnet20", num_classes=5, fused=False)
+    fused = create_model("se_resnet20", num_classes=5, fused=True)
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    fused.load_state_dict(unfused.state_dict())
+    for model in (unfused, fused):
+        torch.manual_seed(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 16, 16)), torch.randint(0, 5, (4,)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for (name, expected), value in zip(unfused.state_dict().items(), fused.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_training_is_deterministic():
+    def weights_after_a_step():
+        torch.manual_seed(0)
+        model = create_model("se_resnet20", num_classes=5, fused=True)
+        model(torch.randn(4, 3, 16, 16)).square().sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    assert torch.equal(weights_after_a_step(), weights_after_a_step())
+
+
+def compare_backends(device: str) -> None:
+    """The fused tail with the Triton kernels equals it with the torch kernels."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 70, 5, 3, device=device).to(memory_format=torch.channels_last) + 3
+    identity, grad = torch.randn(2, 70, 5, 3, device=device), torch.randn(2, 70, 5, 3, device=device)
+    norm = (torch.rand(70, device=device) + 0.5, torch.randn(70, device=device))
+    se = SEBlock(70, reduction=7).to(device)
+    results = {}
+    for backend in ("torch", "triton"):
+        inputs = [t.clone().requires_grad_() for t in (x, identity)]
+        parameters = [p.detach().clone().requires_grad_() for p in (*norm, *se.parameters())]
+        out, mean, var = fused_se.SEResidualTail.apply(
+            *inputs, *parameters, None, None, 1e-5, "sigmoid", backend
+        )
+        out.backward(grad)
+        results[backend] = [out, mean, var] + [t.grad for t in inputs + parameters]
+    for expected, value in zip(results["torch"], results["triton"]):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_kernels_compute_the_torch_kernels():
+    """On the GPU where there is one, else in Triton's interpreter, which must be switched on
+    before triton is first imported: in a process of its own."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        compare_backends("cuda")
+        return
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_compiles_into_one_graph_with_the_same_result():
+    torch.manual_seed(0)
+    block, fused = fused_pair(BasicBlock(8, 8, 1, se=dict(reduction=4)))
+    x = torch.randn(2, 8, 4, 4)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    assert_same_step(block, compiled, x)
+
+
+def test_ddp_reduces_the_fused_gradients(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        block, fused = fused_pair(BasicBlock(8, 8, 1, se=dict(reduction=4)))
+        assert_same_step(block, DistributedDataParallel(fused), torch.randn(2, 8, 4, 4))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_options_refused_and_variants_that_fall_back(caplog):
+    with pytest.raises(SetrainError, match="model.se.fused='yes'"):
+        create_model("se_resnet20", fused="yes")
+    with pytest.raises(SetrainError, match="fused"):
+        create_model("se_mobilenet_v1", fused=True)
+    with caplog.at_level(logging.INFO):
+        model = create_model("se_resnet20", fused=True, placement="pre")
+    assert "placement=pre, squeeze=avg run unfused" in caplog.text
+    assert not any(getattr(m, "fused", False) for m in model.modules())
+    assert create_model("se_resnet20", fused=True, squeeze="max").stages[0][0].fused is False
+
+
+def test_auto_follows_the_device_table(monkeypatch):
+    model = create_model("se_resnet20", num_classes=3)
+    x = torch.randn(1, 3, 8, 8)
+    calls = []
+    monkeypatch.setattr(fused_se.SEResidualTail, "apply", lambda *a: calls.append(1) or _unreachable())
+    monkeypatch.setitem(fused_se.AUTO, "cpu", False)
+    model(x)
+    assert calls == []
+    monkeypatch.setitem(fused_se.AUTO, "cpu", True)
+    with pytest.raises(RuntimeError, match="fused path taken"):
+        model(x)
+
+
+def _unreachable():
+    raise RuntimeError("fused path taken")
+
+
+if __name__ == "__main__":
+    compare_backends("cpu")
