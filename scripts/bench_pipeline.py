@@ -1,0 +1,172 @@
+"""The trainer end to end against the training step alone: does the data pipeline keep up?
+
+    python scripts/bench_pipeline.py --device cuda          # what scripts/gpu_check.sh runs
+    python scripts/bench_pipeline.py --device cpu --tiny    # a dry run in a minute on a laptop
+
+Each row trains through setrain's own `train(cfg)` (the code `python train.py` runs, all its
+overrides shown) on datasets written in their real formats into --work (ImageNet-like 500x375
+JPEGs, CIFAR-10 pickles, STL10 binaries), and reports the last epoch's images/s. Beside it,
+the same model's training step alone (forward, backward, SGD) on a batch already on the device,
+with the same precision, memory format and compile setting. The ratio is the share of the
+step's speed the pipeline delivers; 1.0 means the device never waits for data.
+"""
+
+import argparse
+import multiprocessing
+import pickle
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from setrain.engine.runtime import PRECISIONS, resolve_channels_last, resolve_precision
+from setrain.engine.trainer import train
+from setrain.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Row(NamedTuple):
+    label: str
+    model: str
+    overrides: tuple[str, ...]  # besides data root, device, epochs and the run dir
+    step_alone: bool = True  # also time the model's step alone
+
+
+def rows(tiny: bool) -> list[Row]:
+    imagenet = ("data=imagenet", f"data.batch_size={16 if tiny else 256}", f"data.image_size={64 if tiny else 224}")
+    cifar = ("data=cifar10", f"data.batch_size={16 if tiny else 512}")
+    big, small = ("resnet20", "se_resnet20") if tiny else ("resnet50", "se_resnet50")
+    return [
+        Row("JPEGs, device pipeline", small, (*imagenet, "data.pipeline=device")),
+        Row("JPEGs, workers (before)", small, (*imagenet, "data.pipeline=workers"), step_alone=False),
+        Row("JPEGs, device pipeline", big, (*imagenet, "data.pipeline=device")),
+        Row("JPEGs, device pipeline, compiled", small, (*imagenet, "data.pipeline=device", "trainer.compile=true")),
+        Row("CIFAR-10, device pipeline", "se_resnet20", (*cifar, "data.pipeline=device")),
+        Row("CIFAR-10, device pipeline", "senet18_cifar", (*cifar, "data.pipeline=device")),
+        Row("STL10, defaults (auto)", small, ("data=stl10",), step_alone=False),
+        Row("STL10, before (fp32, NCHW, workers)", small,
+            ("data=stl10", "trainer.precision=32", "trainer.channels_last=false", "data.pipeline=workers"), step_alone=False),
+    ]  # fmt: skip
+
+
+def _write_jpegs(args: tuple[Path, int, int, int]) -> None:
+    """One class folder of 500x375 JPEGs (the ILSVRC-2012 median size): smooth content plus grain."""
+    folder, count, size, seed = args
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        pixels = np.clip(np.asarray(coarse, np.float32) + rng.normal(0, 8, (size[1], size[0], 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.JPEG", quality=90)
+
+
+def write_datasets(work: Path, tiny: bool) -> None:
+    """ImageNet-like tree, CIFAR-10 and STL10 in their official formats, unless already there."""
+    classes, per_class, size = (4, 16, (160, 120)) if tiny else (100, 128, (500, 375))
+    if not (work / "imagenet" / "val").is_dir():
+        jobs = [(work / "imagenet" / split / f"n{c:08d}", count, size, c * 2 + (split == "val"))
+                for split, count in (("train", per_class), ("val", max(2, per_class // 10))) for c in range(classes)]  # fmt: skip
+        with multiprocessing.Pool() as pool:
+            pool.map(_write_jpegs, jobs)
+    rng = np.random.default_rng(0)
+    cifar = work / "cifar-10-batches-py"
+    if not cifar.is_dir():
+        cifar.mkdir(parents=True)
+        per_batch = 64 if tiny else 10_000
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = {"batch_label": name, "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                     "labels": rng.integers(0, 10, per_batch).tolist(), "filenames": [f"{i}.png" for i in range(per_batch)]}  # fmt: skip
+            (cifar / name).write_bytes(pickle.dumps(batch))
+        (cifar / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class {i}" for i in range(10)]}))
+    stl = work / "stl10_binary"
+    if not stl.is_dir():
+        stl.mkdir(parents=True)
+        for split, count in (("train", 64 if tiny else 5000), ("test", 32 if tiny else 8000)):
+            rng.integers(0, 256, (count, 3, 96, 96), dtype=np.uint8).tofile(stl / f"{split}_X.bin")
+            rng.integers(1, 11, count, dtype=np.uint8).tofile(stl / f"{split}_y.bin")
+
+
+def end_to_end(row: Row, work: Path, device: str, epochs: int) -> tuple[float, dict]:
+    """The last epoch's training images/s of a real run, and its resolved trainer settings."""
+    root = work / "imagenet" if "data=imagenet" in row.overrides else work
+    overrides = [f"model={row.model}", *row.overrides, f"data.root={root}", f"trainer.device={device}",
+                 f"trainer.epochs={epochs}", "trainer.log_every_n_steps=1000"]  # fmt: skip
+    if device == "cuda" and "data.pipeline=workers" in row.overrides:
+        overrides.append(f"data.num_workers={max(1, multiprocessing.cpu_count() - 2)}")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with tempfile.TemporaryDirectory() as run_dir:
+        results = train(cfg, Path(run_dir))
+    return results["final"]["train_images_per_s"], cfg
+
+
+def step_alone(cfg, device: torch.device, steps: int) -> float:
+    """Images/s of forward, backward and SGD step on one batch already on the device."""
+    precision = resolve_precision(str(cfg.trainer.precision), device)
+    memory_format = torch.channels_last if resolve_channels_last(cfg.trainer.channels_last, device) else torch.contiguous_format
+    size, batch = cfg.data.image_size, cfg.data.batch_size
+    model = create_model(cfg.model.name, num_classes=100 if cfg.data.name == "imagenet" else 10)
+    model = model.to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if cfg.trainer.compile else model
+    images = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    dtype = PRECISIONS[precision]
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(forward(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(5):  # compiles, picks cuDNN algorithms
+        step()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "setrain_bench_pipeline")
+    parser.add_argument("--tiny", action="store_true", help="small models, images and datasets: a dry run")
+    parser.add_argument("--only", default=None, help="run only the rows whose label or model contains this")
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.device == "cuda"
+    started = time.perf_counter()
+    write_datasets(args.work, args.tiny)
+    print(f"datasets in {args.work} ready after {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"| run | model | settings | end to end img/s | step alone img/s | ratio |\n|---|---|---|---:|---:|---:|")
+    for row in rows(args.tiny):
+        if args.only and args.only not in row.label and args.only not in row.model:
+            continue
+        try:
+            speed, cfg = end_to_end(row, args.work, args.device, epochs=2)
+            alone = step_alone(cfg, torch.device(args.device), steps=3 if args.tiny else 30) if row.step_alone else None
+        except Exception:  # a failed row is reported and the others still run
+            print(f"| {row.label} | {row.model} | failed: {traceback.format_exc()[-1500:]} |", flush=True)
+            continue
+        device = torch.device(args.device)
+        settings = (f"{resolve_precision(str(cfg.trainer.precision), device)}, "
+                    f"{'NHWC' if resolve_channels_last(cfg.trainer.channels_last, device) else 'NCHW'}, "
+                    f"batch {cfg.data.batch_size}, {cfg.data.image_size} px")  # fmt: skip
+        ratio = f"{speed / alone:.2f}" if alone else "–"
+        print(f"| {row.label} | {row.model} | {settings} | {speed:,.0f} | {f'{alone:,.0f}' if alone else '–'} | {ratio} |", flush=True)
+    print(f"total {time.perf_counter() - started:.0f} s on {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, "
+          f"torch {torch.__version__}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

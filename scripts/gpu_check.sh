@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/benchmarks.md, prepared to run on a fresh GPU machine within
+# 8 minutes: the data pipeline end to end against the step alone (scripts/bench_pipeline.py),
+# then the fused SE block against the plain twin and timm (scripts/bench_train.py).
+#
+#   bash scripts/gpu_check.sh                 # needs torch, torchvision, timm, tensorboard, tqdm
+#   DEPS=/path/to/hydra_omegaconf_antlr4 bash scripts/gpu_check.sh   # where hydra-core is not installed
+#   DEVICE=cpu TINY=--tiny bash scripts/gpu_check.sh                  # the dry run, on a CPU
+#
+# The machine needs hydra-core, omegaconf and antlr4 importable: DEPS names a folder holding the
+# three packages, copied from a venv's site-packages (they are pure Python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="src:${DEPS:-.gpu_deps}${PYTHONPATH:+:$PYTHONPATH}"
+DEVICE=${DEVICE:-cuda}
+TINY=${TINY:-}
+PART=${PART:-all}   # pipeline | fused | all
+
+if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
+python -c "import torch, torchvision, hydra; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cpus', __import__('os').cpu_count())"
+
+if [ "$PART" != fused ]; then
+  echo "## bench_pipeline ($DEVICE)"
+  timeout 330 python -W ignore scripts/bench_pipeline.py --device "$DEVICE" $TINY
+fi
+if [ "$PART" != pipeline ]; then
+  echo "## bench_train fused SE ($DEVICE)"
+  timeout 240 python -W ignore scripts/bench_train.py --gpu-check --device "$DEVICE" $TINY || echo "bench_train --gpu-check exited $?"
+fi
