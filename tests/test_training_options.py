@@ -238,3 +238,16 @@ def test_without_a_terminal_progress_is_logged_every_n_steps(tiny_config, tmp_pa
     lines = [record.getMessage() for record in caplog.records if " step " in record.getMessage()]
     assert [line.split("  ")[0] for line in lines] == ["epoch 1/1 step 2/4", "epoch 1/1 step 4/4"]
     assert all(line.endswith("img/s") and float(line.split()[-2]) > 0 for line in lines)
+
+
+def test_auto_speed_settings_are_gpu_first_and_leave_the_cpu_as_it_was(monkeypatch):
+    from setrain.engine.runtime import resolve_channels_last, resolve_compile, resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (resolve_precision("auto", cpu), resolve_channels_last("auto", cpu), resolve_compile("auto", cpu)) == ("32", False, None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert (resolve_precision("auto", cuda), resolve_channels_last("auto", cuda), resolve_compile("auto", cuda)) == ("bf16", True, "inductor")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_precision("auto", cuda) == "16"
+    assert (resolve_precision("bf16", cpu), resolve_channels_last(True, cpu), resolve_compile(False, cuda)) == ("bf16", True, None)
+    assert resolve_compile("aot_eager", cpu) == "aot_eager"

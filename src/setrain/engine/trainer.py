@@ -42,6 +42,7 @@ from setrain.engine.runtime import (
     PRECISIONS,
     keep_freed_memory,
     resolve_channels_last,
+    resolve_compile,
     resolve_device,
     resolve_precision,
     restore_rng_states,
@@ -225,8 +226,8 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
     train_model = model
     if processes.distributed:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if trainer.compile:
-        backend = "inductor" if trainer.compile is True else trainer.compile
+    backend = resolve_compile(trainer.compile, device)
+    if backend:
         train_model = torch.compile(train_model, backend=backend)
 
     log.info(
