@@ -1,5 +1,6 @@
-"""Write docs/reliability.md: every mistake of the reliability battery run through `python train.py`,
-with the message it printed and the test that holds it to that (about 6 minutes on 2 cores).
+"""Write docs/reliability.md: every mistake of the reliability battery run through its command
+(`python train.py`, or the script a case names), with the message it printed and the test that
+holds it to that (about 6 minutes on 2 cores).
 
     python scripts/reliability_table.py              # writes docs/reliability.md
     python scripts/reliability_table.py --no-write   # prints only
@@ -43,11 +44,13 @@ class Case:
     setup: Callable[[Path], None] | None = None
     hidden: list[str] = field(default_factory=list)  # run with these too, not shown
     env: dict[str, str] = field(default_factory=dict)
+    program: str = "train.py"
 
 
-def cli(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(root: Path, *args: str, env: dict | None = None, program="train.py") -> subprocess.CompletedProcess:
     environment = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "trainer.device=cpu", *args]  # the last value wins
+    device = ["trainer.device=cpu"] if program == "train.py" else []  # the last value wins
+    command = [sys.executable, str(REPO_ROOT / program), *device, *args]
     return subprocess.run(command, cwd=root, env={**environment, **(env or {})}, capture_output=True, text=True)
 
 
@@ -126,6 +129,7 @@ CASES = {
         Case("option the dataset does not take", ["+data.val_split=0.1"], "test_reliability.py::test_dataset_options_that_cannot_work_are_refused_before_loading"),
         Case("SE option on a model without SE", ["model=resnet20", "+model.se.reduction=8"], "test_models.py::test_plain_twin_refuses_se_options"),
         Case("override that does not parse", ["trainer.epochs=["], "test_reliability.py::test_configs_hydra_cannot_compose_are_one_sentence"),
+        Case("own config file that is not valid YAML", ["--config-dir", ".", "--config-name", "mine"], "test_reliability.py::test_config_file_that_is_not_valid_yaml_is_one_line", setup=write("mine.yaml", lambda path: path.write_text("defaults:\n  - train\n  - _self_\ntrainer:\n  epochs: [1\n"))),
         Case("`${...}` that does not resolve", ["trainer.epochs=${oops}"], "test_reliability.py::test_values_hydra_accepts_but_training_cannot_use_are_refused"),
     ],
     "Values": [
@@ -182,6 +186,7 @@ CASES = {
     "Runs": [
         Case("second run in a run directory in use", ["resume=auto", "hydra.run.dir=run"], "test_reliability.py::test_a_second_run_in_the_same_dir_is_refused_and_a_killed_run_leaves_no_lock", hidden=TINY),
         Case("loss that diverges", ["optimizer.lr=1e30"], "test_fault_tolerance.py::test_diverging_run_stops_with_one_sentence_and_writes_no_checkpoint", hidden=TINY),
+        Case("sweep report of a single run's directory", ["run"], "test_sweep_report.py::test_a_single_run_dir_is_refused_in_one_line", setup=trained(*TINY), program="scripts/sweep_report.py"),
         Case("`HYDRA_FULL_ERROR=1`: the traceback instead of the sentence", ["model.se.reduction=32"], "test_reliability.py::test_hydra_full_error_shows_the_traceback", env={"HYDRA_FULL_ERROR": "1"}),
     ],
 }  # fmt: skip
@@ -229,7 +234,7 @@ def main() -> None:
     lines = [
         "# Reliability: what a mistake prints",
         "",
-        "Every case below was run through `python train.py` (with `trainer.device=cpu`) by",
+        "Every case below was run through its command (`python train.py` with `trainer.device=cpu`) by",
         "`python scripts/reliability_table.py`, which wrote this file: the message is what it printed",
         "on stderr, with paths relative to the folder it ran in, and it exited with status 1 (another",
         "status would be shown). The test named beside each case holds setrain to that message.",
@@ -245,12 +250,12 @@ def main() -> None:
                 if case.test.endswith("a_killed_run_leaves_no_lock"):
                     result = second_run_while_first_trains(root, case)
                 else:
-                    result = cli(root, *case.hidden, *case.args, env=case.env)
+                    result = cli(root, *case.hidden, *case.args, env=case.env, program=case.program)
                 message = seen(result, root)
                 if "code_ran" in case.what:
                     assert not (root / "code_ran").exists()
             env = "".join(f"{key}={value} " for key, value in case.env.items())
-            command = f"`{env}python train.py {shlex.join(case.args)}`"
+            command = f"`{env}python {case.program} {shlex.join(case.args)}`"
             message = message.replace("|", "\\|")
             lines.append(f"| {case.what} | {command} | {message} | `{case.test}` |")
             print(lines[-1], flush=True)

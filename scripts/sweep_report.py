@@ -16,8 +16,11 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from setrain.cli import run_command
 from setrain.errors import SetrainError
@@ -63,23 +66,37 @@ def read_jobs(sweep_dir: Path) -> list[Job]:
             "outputs/multirun/<date>/<time>."
         )
     parser = OverridesParser.create()
-    jobs = []
-    for hydra_dir in sweep_dir.glob("**/.hydra"):
-        overrides = parser.parse_overrides(list(OmegaConf.load(hydra_dir / "overrides.yaml")))
-        results = hydra_dir.parent / "results.json"
-        jobs.append(
-            Job(
-                number=OmegaConf.load(hydra_dir / "hydra.yaml").hydra.job.num,
-                overrides={o.key_or_group: o.get_value_element_as_str() for o in overrides},
-                results=json.loads(results.read_text()) if results.is_file() else None,
-            )
-        )
+    jobs = [read_job(hydra_dir, parser) for hydra_dir in sweep_dir.glob("**/.hydra")]
     if not jobs:
         raise SetrainError(
             f"{sweep_dir} holds no Hydra jobs (no <job>/.hydra/ folder); pass the folder a multirun "
             "wrote, e.g. outputs/multirun/<date>/<time>."
         )
     return sorted(jobs, key=lambda job: job.number)
+
+
+def read_job(hydra_dir: Path, parser: OverridesParser) -> Job:
+    """The job whose .hydra/ is `hydra_dir`; a single run (no job number: not started by -m) or
+    files that do not parse are refused, naming the folder."""
+    job_dir, results = hydra_dir.parent, hydra_dir.parent / "results.json"
+    try:
+        job = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.job
+        if OmegaConf.is_missing(job, "num"):
+            raise SetrainError(
+                f"{job_dir} is a single run, not a job of a multirun; pass the folder a multirun wrote, "
+                "e.g. outputs/multirun/<date>/<time> (a single run's results are in its results.json)."
+            )
+        overrides = parser.parse_overrides(list(OmegaConf.load(hydra_dir / "overrides.yaml")))
+        return Job(
+            number=job.num,
+            overrides={o.key_or_group: o.get_value_element_as_str() for o in overrides},
+            results=json.loads(results.read_text()) if results.is_file() else None,
+        )
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException, HydraException) as error:
+        raise SetrainError(
+            f"Could not read the job in {job_dir} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "move the folder out of the sweep folder, or restore its .hydra/ and results.json."
+        ) from error
 
 
 def varying_keys(jobs: list[Job]) -> list[str]:

@@ -99,6 +99,37 @@ def test_configs_hydra_cannot_compose_are_one_sentence(override, message):
     assert sentence.startswith(message) and "\n" not in sentence, sentence
 
 
+@pytest.mark.slow
+def test_config_file_that_is_not_valid_yaml_is_one_line(tmp_path):
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - train\n  - _self_\ntrainer:\n  epochs: [1\n")
+    config = ["--config-dir", str(tmp_path), "--config-name", "mine"]
+    result = run_cli(*config, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_one_line(
+        result,
+        f"Config file {tmp_path / 'mine.yaml'} is not valid YAML (expected ',' or ']', but got '<stream end>' at "
+        "line 6, column 1, while parsing a flow sequence); fix its syntax.",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: se_resnet20\n\tse: {}\n", "found character '\\t' that cannot start any token at line 2, column 1, while"),
+        ("name: se_resnet20\nname: resnet20\n", "found duplicate key name at line 2, column 1, while constructing a mapping"),
+        ("name: se_resnet20\nse: reduction: 4\n", "mapping values are not allowed here at line 2, column 14)"),
+    ],
+)  # fmt: skip
+def test_group_file_that_is_not_valid_yaml_says_where(tmp_path, text, message):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text(text)
+    (tmp_path / "train.yaml").write_text("defaults:\n  - model: mine\n")
+    with pytest.raises(Exception) as raised, initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        compose("train")
+    sentence = config_error_sentence(raised.value)
+    assert sentence.startswith(f"Config file {tmp_path / 'model' / 'mine.yaml'} is not valid YAML ({message}"), sentence
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

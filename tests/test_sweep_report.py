@@ -94,6 +94,24 @@ def test_a_folder_without_jobs_is_refused(sweep_report, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_single_run_dir_is_refused_in_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    write_job(tmp_path, 0, ["trainer.epochs=2"], 60.0)
+    (tmp_path / "0_trainer.epochs=2").rename(run_dir)
+    (run_dir / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    num: ???\n")  # a run without -m
+    result = run_program(str(SCRIPT), str(run_dir), cwd=tmp_path)
+    assert_user_error(result, f"setrain: error: {run_dir} is a single run, not a job of a multirun; pass the folder")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_job_whose_files_do_not_parse_is_named(sweep_report, tmp_path):
+    write_job(tmp_path, 0, ["model.se.reduction=8"], 60.0)
+    (tmp_path / "0_model.se.reduction=8" / "results.json").write_text('{"best": ')
+    with pytest.raises(SetrainError, match=r"Could not read the job in .*0_model.se.reduction=8 \(JSONDecodeError"):
+        sweep_report.report(Namespace(sweep_dir=str(tmp_path), x=None, metric="best.val_top1"))
+
+
+@pytest.mark.slow
 def test_report_of_a_real_reduction_sweep(tmp_path):
     sweep_dir = tmp_path / "sweep"
     trained = run_cli(

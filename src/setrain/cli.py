@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
@@ -44,7 +45,7 @@ def run(hydra_main: Callable[[], object]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_main()
-    except HydraException as error:
+    except (HydraException, yaml.YAMLError) as error:
         if SHOW_TRACEBACKS:
             raise
         print(f"setrain: error: {config_error_sentence(error)}", file=sys.stderr)

@@ -10,6 +10,7 @@ import copy
 import json
 from pathlib import Path
 
+import yaml
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -23,11 +24,14 @@ from setrain.errors import SetrainError
 BUILT_GROUPS = ("model", "data", "optimizer", "scheduler")
 # Keys that take values of several types, so their default's type says nothing (32 or bf16; false
 # or a torch.compile backend name; auto or true); whoever reads them checks them.
-ANY_TYPE_KEYS = ("trainer.precision", "trainer.compile", "trainer.channels_last")
+ANY_TYPE_KEYS = ("trainer.precision", "trainer.compile", "trainer.channels_last", "model.se.fused")
 
 
-def config_error_sentence(error: HydraException) -> str:
-    """Hydra's report of a config it could not compose, as one sentence naming the accepted values."""
+def config_error_sentence(error: HydraException | yaml.YAMLError) -> str:
+    """Hydra's report of a config it could not compose, as one sentence naming the accepted values;
+    a config file that does not parse (`--config-dir` holds the user's own) reaches here as YAML's."""
+    if isinstance(error, yaml.YAMLError):
+        return yaml_error_sentence(error)
     cause = error.__cause__
     if isinstance(error, MissingConfigException) and error.options:
         group, _, name = error.missing_cfg_file.rpartition("/")
@@ -41,6 +45,18 @@ def config_error_sentence(error: HydraException) -> str:
             "https://hydra.cc/docs/advanced/override_grammar/basic/ for the syntax."
         )
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def yaml_error_sentence(error: yaml.YAMLError) -> str:
+    """Where YAML stopped reading a file and why ("found duplicate key a at line 2, column 1")."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return f"A config file is not valid YAML ({error}); fix its syntax."
+    context = f", {error.context}" if error.context else ""
+    return (
+        f"Config file {mark.name} is not valid YAML ({error.problem} at line {mark.line + 1}, column "
+        f"{mark.column + 1}{context}); fix its syntax."
+    )
 
 
 def not_a_key(key: str, known: list[str]) -> str:
