@@ -136,6 +136,8 @@ CASES = {
         Case("value of the wrong type", ["trainer.epochs=ten"], "test_reliability.py::test_unknown_name_misspelt_key_and_wrong_type_are_one_line"),
         Case("zero learning rate", ["optimizer.lr=0"], "test_reliability.py::test_values_hydra_accepts_but_training_cannot_use_are_refused"),
         Case("negative learning rate", ["optimizer.lr=-0.1"], "test_reliability.py::test_values_hydra_accepts_but_training_cannot_use_are_refused"),
+        Case("schedule that fails when stepped (a cosine period of 0 epochs)", ["scheduler.T_max=0"], "test_reliability.py::test_schedule_that_fails_when_stepped_is_refused_before_training"),
+        Case("scheduler value torch refuses", ["scheduler=step", "scheduler.step_size=0"], "test_reliability.py::test_schedule_and_optimizer_values_torch_refuses_are_refused_before_training"),
         Case("zero epochs", ["trainer.epochs=0"], "test_engine.py::test_user_errors_are_one_clear_sentence"),
         Case("batch size 0 or 1", ["data.batch_size=1"], "test_reliability.py::test_dataset_options_that_cannot_work_are_refused_before_loading"),
         Case("image size too small (every model runs from 8 px, with 2 or more images per batch)", ["data.image_size=4"], "test_reliability.py::test_dataset_options_that_cannot_work_are_refused_before_loading"),

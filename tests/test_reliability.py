@@ -150,6 +150,32 @@ def test_values_hydra_accepts_but_training_cannot_use_are_refused(overrides, mes
     assert str(raised.value).startswith(message), raised.value
 
 
+@pytest.mark.slow
+def test_schedule_that_fails_when_stepped_is_refused_before_training(tmp_path):
+    result = run_cli(*TINY, "scheduler.T_max=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_one_line(
+        result,
+        "The learning-rate schedule fails at epoch 1 of 2 (ZeroDivisionError: integer modulo by zero); fix the "
+        "scheduler values (scheduler.T_max=0, scheduler.warmup_epochs=0, scheduler.warmup_start_factor=0.1).",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["scheduler=step", "scheduler.step_size=0"], "fails at epoch 1 of 10 (ZeroDivisionError: integer modulo by zero); fix the scheduler values (scheduler.step_size=0, "),
+        (["scheduler.warmup_epochs=2", "scheduler.warmup_start_factor=0"], "fails before the first epoch (ValueError: Starting multiplicative factor expected to be greater than 0 "),
+        (["scheduler=plateau", "scheduler.factor=2"], "Could not build the scheduler torch.optim.lr_scheduler.ReduceLROnPlateau from configs/scheduler/: Factor should be < 1.0."),
+        (["optimizer.momentum=-1"], "Could not build the optimizer torch.optim.SGD from configs/optimizer/: Invalid momentum value: -1"),
+    ],
+)  # fmt: skip
+def test_schedule_and_optimizer_values_torch_refuses_are_refused_before_training(overrides, message):
+    with pytest.raises(SetrainError) as raised:
+        checked(*overrides)
+    assert message in str(raised.value), raised.value
+
+
 def test_values_are_checked_before_the_run_dir_exists_with_hydra_references_resolving(tmp_path):
     """ClaimRunDir checks before Hydra's run_job fills in the run dir: a value may still refer to it."""
     run_dir = tmp_path / "run"
@@ -172,6 +198,8 @@ def test_values_are_checked_before_the_run_dir_exists_with_hydra_references_reso
 def test_values_of_every_kind_a_key_takes_pass():
     checked("trainer.precision=bf16", "trainer.compile=aot_eager", "optimizer.lr=1", "model.se.stages=[4,5]")
     checked("experiment=cifar", "model=se_resnet56", "+model.width_mult=0.5")  # checked by the model
+    checked("scheduler=plateau", "trainer.epochs=30")
+    checked("scheduler=multistep", "scheduler.milestones=[1,2]", "scheduler.warmup_epochs=3")
 
 
 # Values

@@ -8,6 +8,7 @@ those before training would trip over them, or silently ignore them.
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import yaml
@@ -16,7 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from setrain.engine.optim import build_optimizer, build_scheduler
 from setrain.errors import SetrainError
 
 # Groups whose keys are the arguments of what they build (a model, a dataset, a torch class):
@@ -68,7 +72,8 @@ def not_a_key(key: str, known: list[str]) -> str:
 
 def check_values(cfg: DictConfig) -> None:
     """Refuse a `${...}` that does not resolve, a key that nothing reads, a value of another type
-    than its default in configs/, and a learning rate of zero or less (torch accepts 0).
+    than its default in configs/, a learning rate of zero or less (torch accepts 0), and a
+    learning-rate schedule that fails (check_schedule).
 
     The defaults are the same config files (the `model=`, `data=`, ... chosen) composed again
     without the command line's values; run inside a Hydra app.
@@ -99,6 +104,32 @@ def check_values(cfg: DictConfig) -> None:
     if flat.get("optimizer.lr", 1) <= 0:
         example = defaults["optimizer"]["lr"]
         raise SetrainError(f"optimizer.lr={flat['optimizer.lr']} must be greater than 0, e.g. {example}.")
+    check_schedule(cfg)
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """Step the learning-rate schedule through every epoch of the run on a stand-in parameter: a
+    value that fails only when stepped (`scheduler.T_max=0` divides by zero after the first epoch)
+    is refused before training, whatever the scheduler class."""
+    epochs, epoch = cfg.trainer.epochs, 0  # the trainer refuses fewer than 1 epoch
+    optimizer = build_optimizer(cfg.optimizer, nn.Linear(1, 1), cfg.data.batch_size)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's: the schedule steps before the optimizer
+            scheduler = build_scheduler(cfg.scheduler, optimizer, epochs)
+            for epoch in range(1, epochs + 1):
+                if isinstance(scheduler, ReduceLROnPlateau):
+                    scheduler.step(1.0)  # a validation loss that never improves
+                else:
+                    scheduler.step()
+    except (ArithmeticError, ValueError, TypeError, LookupError) as error:
+        values = OmegaConf.to_container(cfg.scheduler, resolve=True)
+        values = ", ".join(f"scheduler.{key}={json.dumps(v)}" for key, v in values.items() if key != "_target_")
+        when = f"at epoch {epoch} of {epochs}" if epoch else "before the first epoch"
+        reason = f"{type(error).__name__}: {str(error).rstrip('.')}"
+        raise SetrainError(
+            f"The learning-rate schedule fails {when} ({reason}); fix the scheduler values ({values})."
+        ) from error
 
 
 def check_values_before_run(config: DictConfig) -> None:
