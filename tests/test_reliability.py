@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from conftest import REPO_ROOT, TINY, assert_user_error, compose_config, run_cli
-from formats import write_cifar10, write_cifar100, write_stl10
+from formats import write_cifar10, write_cifar100, write_image_folder, write_stl10
 from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
 from setrain.data import build_data
 from setrain.engine import train
@@ -287,6 +287,41 @@ def test_cifar_batch_that_is_not_a_dict_is_refused(tmp_path):
     (write_cifar10(tmp_path) / "test_batch").write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(SetrainError, match=r"Could not read CIFAR-10 .* \(TypeError: .*not in the official format"):
         build_data({"name": "cifar10", "batch_size": 4, "num_workers": 0, "root": str(tmp_path)}, CPU)
+
+
+@pytest.mark.slow
+def test_link_back_up_an_image_tree_is_refused_through_the_cli(tmp_path):
+    write_image_folder(tmp_path / "tree" / "train", ["cat", "dog"], per_class=4)
+    (tmp_path / "tree" / "train" / "cat" / "up").symlink_to("..")
+    data = ["data=folder", f"data.root={tmp_path / 'tree'}", "data.val_fraction=0.25", "data.batch_size=4"]
+    result = run_cli(*data, "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    train = tmp_path / "tree" / "train"
+    assert_one_line(
+        result,
+        f"{train} and {train}/cat/up are the same folder through a symbolic link, so its images would be read "
+        "twice, possibly under another class; remove the link, or copy the images it should add.",
+    )
+
+
+FOLDER = {"name": "folder", "val_fraction": 0.5, "batch_size": 2, "num_workers": 0}
+
+
+@pytest.mark.parametrize("link, target", [("a/more", "../b"), ("b/deep/up", "../../.."), ("a/again", "../a")])
+def test_links_that_loop_or_repeat_a_folder_of_the_tree_are_refused(tmp_path, link, target):
+    write_image_folder(tmp_path / "train", ["a", "b"], per_class=2)
+    (tmp_path / "train" / "b" / "deep").mkdir()
+    (tmp_path / "train" / link).symlink_to(target)
+    with pytest.raises(SetrainError, match="are the same folder through a symbolic link"):
+        build_data({**FOLDER, "root": str(tmp_path)}, CPU)
+
+
+def test_links_to_folders_outside_the_tree_are_followed_once(tmp_path):
+    write_image_folder(tmp_path / "elsewhere", ["a", "b"], per_class=3)
+    write_image_folder(tmp_path / "tree" / "train", ["a"], per_class=2)
+    (tmp_path / "tree" / "train" / "a" / "more").symlink_to(tmp_path / "elsewhere" / "a")
+    (tmp_path / "tree" / "train" / "b").symlink_to(tmp_path / "elsewhere" / "b")
+    dataset = build_data({**FOLDER, "root": str(tmp_path / "tree")}, CPU).train_loader.dataset.dataset
+    assert sorted(dataset.targets) == [0] * 5 + [1] * 3
 
 
 # Checkpoints

@@ -1,11 +1,13 @@
 """Image files in class folders: any ImageFolder tree (`folder`) and ILSVRC-2012 (`imagenet`).
 
 Both go through torchvision's ImageFolder. What a user can get wrong about the files (a missing
-folder, images outside class folders, an empty class, an image that does not decode) is reported
-as one sentence naming the path, also when it happens inside a DataLoader worker.
+folder, images outside class folders, an empty class, a link that loops or repeats a folder, an
+image that does not decode) is reported as one sentence naming the path, also when it happens
+inside a DataLoader worker.
 """
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -50,12 +52,30 @@ def _check_root(root: Path, description: str) -> None:
         )
 
 
+def _check_links(folder: Path) -> None:
+    """ImageFolder follows directory links: one back up the tree loops and gives its class every
+    image, one to a folder the tree already holds labels its images twice. Walk the tree as it
+    does and refuse a folder reached twice; links to folders found once, anywhere, are followed."""
+    seen = {}
+    for path, _, _ in os.walk(folder, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            raise SetrainError(
+                f"{seen[real]} and {path} are the same folder through a symbolic link, so its images "
+                "would be read twice, possibly under another class; remove the link, or copy the images it "
+                "should add."
+            )
+        seen[real] = path
+
+
 def image_folder(folder: Path, transform) -> datasets.ImageFolder:
-    """ImageFolder over `folder`/<class>/<image>, refusing a missing folder, no classes or an empty class."""
+    """ImageFolder over `folder`/<class>/<image>, refusing a missing folder, no classes, an empty
+    class or a folder reached twice through links."""
     if not folder.is_dir():
         raise SetrainError(
             f"{folder.parent} has no {folder.name}/ folder; put the images in {folder}/<class name>/."
         )
+    _check_links(folder)
     try:
         dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb, allow_empty=True)
     except FileNotFoundError as error:  # torchvision: no class folder at all
