@@ -3,8 +3,7 @@
     python scripts/bench_pipeline.py --device cuda          # what scripts/gpu_check.sh runs
     python scripts/bench_pipeline.py --device cpu --tiny    # a dry run in a minute on a laptop
 
-Each row trains through setrain's own `train(cfg)` (the code `python train.py` runs, all its
-overrides shown) on datasets written in their real formats into --work (ImageNet-like 500x375
+Each row runs `python train.py` with the row's overrides on datasets written in their real formats into --work (ImageNet-like 500x375
 JPEGs, CIFAR-10 pickles, STL10 binaries), and reports the last epoch's images/s. Beside it,
 the same model's training step alone (forward, backward, SGD) on a batch already on the device,
 with the same precision, memory format and compile setting. The ratio is the share of the
@@ -12,8 +11,11 @@ step's speed the pipeline delivers; 1.0 means the device never waits for data.
 """
 
 import argparse
+import json
 import multiprocessing
 import pickle
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -23,10 +25,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from PIL import Image
+from torchvision.io import decode_jpeg
 
+from setrain.data import build_data
+from setrain.data.on_device import EncodedFiles, decode_images
 from setrain.engine.runtime import PRECISIONS, resolve_channels_last, resolve_precision
-from setrain.engine.trainer import train
 from setrain.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +98,8 @@ def write_datasets(work: Path, tiny: bool) -> None:
             rng.integers(1, 11, count, dtype=np.uint8).tofile(stl / f"{split}_y.bin")
 
 
-def end_to_end(row: Row, work: Path, device: str, epochs: int) -> tuple[float, dict]:
-    """The last epoch's training images/s of a real run, and its resolved trainer settings."""
+def end_to_end(row: Row, work: Path, device: str, epochs: int) -> tuple[float, DictConfig]:
+    """The last epoch's training images/s of `python train.py ...`, and the config it ran."""
     root = work / "imagenet" if "data=imagenet" in row.overrides else work
     overrides = [f"model={row.model}", *row.overrides, f"data.root={root}", f"trainer.device={device}",
                  f"trainer.epochs={epochs}", "trainer.log_every_n_steps=1000"]  # fmt: skip
@@ -103,8 +108,42 @@ def end_to_end(row: Row, work: Path, device: str, epochs: int) -> tuple[float, d
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with tempfile.TemporaryDirectory() as run_dir:
-        results = train(cfg, Path(run_dir))
+        command = [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode != 0:
+            raise RuntimeError(finished.stderr[-1500:])
+        results = json.loads((Path(run_dir) / "results.json").read_text())
     return results["final"]["train_images_per_s"], cfg
+
+
+def pipeline_alone(work: Path, device: torch.device, tiny: bool) -> None:
+    """Where a batch of JPEGs spends its time on the device pipeline, without a model: the whole
+    pipeline, then batched decoding and the batch augmentation alone, and CPU decoding per core."""
+    batch = 16 if tiny else 256
+    config = {"name": "imagenet", "root": str(work / "imagenet"), "image_size": 64 if tiny else 224,
+              "batch_size": batch, "num_workers": max(1, multiprocessing.cpu_count() // 2), "pipeline": "device"}  # fmt: skip
+    data = build_data(config, device)
+    data.set_epoch(0, 1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start, seen = time.perf_counter(), 0
+    for _, labels in data.train_batches():
+        seen += len(labels)
+    sync()
+    print(f"pipeline alone, JPEGs to augmented batches: {seen / (time.perf_counter() - start):,.0f} img/s", flush=True)
+    files = EncodedFiles(data.train_loader.samples[:batch])
+    encoded, paths = [files[i][0] for i in range(batch)], [files[i][2] for i in range(batch)]
+    for name, work_once in (
+        ("batched decode", lambda: decode_images(encoded, paths, device)),
+        ("batch augmentation", lambda decoded=decode_images(encoded, paths, device): data.train_loader.transform(decoded, torch.Generator().manual_seed(0))),
+        ("CPU decode, one core", lambda: [decode_jpeg(data) for data in encoded]),
+    ):  # fmt: skip
+        work_once()
+        sync()
+        start = time.perf_counter()
+        for _ in range(3):
+            work_once()
+        sync()
+        print(f"{name}: {3 * batch / (time.perf_counter() - start):,.0f} img/s", flush=True)
 
 
 def step_alone(cfg, device: torch.device, steps: int) -> float:
@@ -142,15 +181,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "setrain_bench_pipeline")
     parser.add_argument("--tiny", action="store_true", help="small models, images and datasets: a dry run")
-    parser.add_argument("--only", default=None, help="run only the rows whose label or model contains this")
+    parser.add_argument("--only", help="comma-separated: run only the rows whose label or model contains one of these")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the pipeline-alone breakdown")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = args.device == "cuda"
     started = time.perf_counter()
     write_datasets(args.work, args.tiny)
     print(f"datasets in {args.work} ready after {time.perf_counter() - started:.0f} s", flush=True)
+    if not args.no_breakdown:
+        pipeline_alone(args.work, torch.device(args.device), args.tiny)
     print(f"| run | model | settings | end to end img/s | step alone img/s | ratio |\n|---|---|---|---:|---:|---:|")
     for row in rows(args.tiny):
-        if args.only and args.only not in row.label and args.only not in row.model:
+        if args.only and not any(part in row.label or part == row.model for part in args.only.split(",")):
             continue
         try:
             speed, cfg = end_to_end(row, args.work, args.device, epochs=2)

@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as F
 
 from setrain.errors import SetrainError
 
-PREFETCH_BATCHES = 2
+PREFETCH_BATCHES = 3
 
 
 class BatchTransform:
@@ -105,19 +105,24 @@ def crop_boxes(heights: Tensor, widths: Tensor, step: v2.RandomResizedCrop, gene
 
 
 def random_resized_crop(images: Tensor | list[Tensor], step, generator) -> Tensor:
-    """A random crop of each image resized to step.size: one roi_align over a stacked batch (its
-    adaptive sampling averages the pixels of each output cell, like antialiasing), per image on a list."""
-    heights = torch.tensor([image.shape[-2] for image in images])
-    widths = torch.tensor([image.shape[-1] for image in images])
-    boxes = crop_boxes(heights, widths, step, generator)
-    if isinstance(images, list):
-        return torch.stack([
-            F.resized_crop(image, *box.tolist(), size=step.size, antialias=True) for image, box in zip(images, boxes)
-        ])  # fmt: skip
-    top, left, h, w = boxes.double().unbind(1)
-    rois = torch.stack([torch.arange(len(images)).double(), left, top, left + w, top + h], dim=1)
-    rois = rois.to(images.device, torch.float32)
-    return roi_align(images.float(), rois, list(step.size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    """A random crop of each image resized to step.size, by roi_align: one call per group of
+    same-sized images (a stacked batch is one group). Its adaptive sampling averages the pixels
+    that fall in each output cell, which antialiases as torchvision's resize does."""
+    sizes = [tuple(image.shape[-2:]) for image in images]
+    heights, widths = torch.tensor(sizes).unbind(1)
+    top, left, h, w = crop_boxes(heights, widths, step, generator).double().unbind(1)
+    boxes = torch.stack([left, top, left + w, top + h], dim=1)  # roi_align's (x1, y1, x2, y2)
+    groups: dict[tuple, list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(size, []).append(index)
+    device = images[0].device
+    out = torch.empty(len(images), images[0].shape[0], *step.size, device=device)
+    for members in groups.values():
+        group = images if len(members) == len(images) and isinstance(images, Tensor) else torch.stack([images[i] for i in members])
+        rois = torch.cat([torch.arange(len(members), dtype=torch.float64)[:, None], boxes[members]], dim=1)
+        crops = roi_align(group.float(), rois.to(device, torch.float32), list(step.size), sampling_ratio=-1, aligned=True)
+        out[torch.tensor(members, device=device)] = crops
+    return out
 
 
 def random_crop(images: Tensor, step: v2.RandomCrop, generator: torch.Generator) -> Tensor:
@@ -153,16 +158,12 @@ def batch_generator(epoch_seed: int, rank: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((epoch_seed * 1009 + rank) * 1_000_003 + index)
 
 
-def is_jpeg(data: Tensor) -> bool:
-    return len(data) > 2 and data[0].item() == 0xFF and data[1].item() == 0xD8
-
-
 def decode_images(encoded: list[Tensor], paths: list[str], device: torch.device) -> list[Tensor]:
     """uint8 RGB (3, H, W) images on `device`: JPEGs in one batched call (nvJPEG on CUDA); a file
     that fails there (CMYK, damaged) or is no JPEG is read by PIL, which names a corrupt file."""
     from setrain.data.folders import load_rgb  # folders imports this module
 
-    jpegs = [i for i, data in enumerate(encoded) if is_jpeg(data)]
+    jpegs = [i for i, data in enumerate(encoded) if data[:2].tolist() == [0xFF, 0xD8]]
     images: list[Tensor | None] = [None] * len(encoded)
     try:
         for i, image in zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)):
@@ -189,9 +190,11 @@ class EncodedFiles(Dataset):
         return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), label, path
 
 
-def _collate_files(items: list) -> tuple[list[Tensor], Tensor, list[str]]:
+def collate_files(items: list) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    """A batch's files as one byte tensor and their lengths: one shared-memory block from a
+    worker instead of one per file."""
     encoded, labels, paths = zip(*items)
-    return list(encoded), torch.tensor(labels), list(paths)
+    return torch.cat(encoded), torch.tensor([len(data) for data in encoded]), torch.tensor(labels), list(paths)
 
 
 class ChangingBatches:
@@ -224,7 +227,7 @@ class DeviceBatches:
             self.sampler = ChangingBatches()
             self.reader = DataLoader(
                 EncodedFiles(self.samples), batch_sampler=self.sampler, num_workers=num_workers,
-                collate_fn=_collate_files, persistent_workers=num_workers > 0,
+                collate_fn=collate_files, persistent_workers=num_workers > 0,
             )  # fmt: skip
         else:
             images, labels = _arrays(inner)
@@ -255,8 +258,8 @@ class DeviceBatches:
 
     def _prepare(self, item, index: int) -> tuple[Tensor, Tensor]:
         if self.files:
-            encoded, labels, paths = item
-            images = decode_images(encoded, paths, self.device)
+            encoded, lengths, labels, paths = item
+            images = decode_images(list(encoded.split(lengths.tolist())), paths, self.device)
             labels = labels.to(self.device)
         else:
             images, labels = item
