@@ -50,6 +50,7 @@ def rows(tiny: bool) -> list[Row]:
     big, small = ("resnet20", "se_resnet20") if tiny else ("resnet50", "se_resnet50")
     return [
         Row("JPEGs, device pipeline", small, (*imagenet, "data.pipeline=device")),
+        Row("JPEGs, device pipeline, decoded by workers", small, (*imagenet, "data.pipeline=device", "data.decode=workers"), step_alone=False),
         Row("JPEGs, workers (before)", small, (*imagenet, "data.pipeline=workers"), step_alone=False),
         Row("JPEGs, device pipeline", big, (*imagenet, "data.pipeline=device")),
         Row("JPEGs, device pipeline, compiled", small, (*imagenet, "data.pipeline=device", "trainer.compile=true")),
@@ -103,7 +104,7 @@ def end_to_end(row: Row, work: Path, device: str, epochs: int) -> tuple[float, D
     root = work / "imagenet" if "data=imagenet" in row.overrides else work
     overrides = [f"model={row.model}", *row.overrides, f"data.root={root}", f"trainer.device={device}",
                  f"trainer.epochs={epochs}", "trainer.log_every_n_steps=1000"]  # fmt: skip
-    if device == "cuda" and "data.pipeline=workers" in row.overrides:
+    if device == "cuda" and any(key in row.overrides for key in ("data.pipeline=workers", "data.decode=workers")):
         overrides.append(f"data.num_workers={max(1, multiprocessing.cpu_count() - 2)}")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -121,15 +122,18 @@ def pipeline_alone(work: Path, device: torch.device, tiny: bool) -> None:
     pipeline, then batched decoding and the batch augmentation alone, and CPU decoding per core."""
     batch = 16 if tiny else 256
     config = {"name": "imagenet", "root": str(work / "imagenet"), "image_size": 64 if tiny else 224,
-              "batch_size": batch, "num_workers": max(1, multiprocessing.cpu_count() // 2), "pipeline": "device"}  # fmt: skip
-    data = build_data(config, device)
-    data.set_epoch(0, 1)
+              "batch_size": batch, "num_workers": max(1, multiprocessing.cpu_count() - 2), "pipeline": "device"}  # fmt: skip
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    start, seen = time.perf_counter(), 0
-    for _, labels in data.train_batches():
-        seen += len(labels)
-    sync()
-    print(f"pipeline alone, JPEGs to augmented batches: {seen / (time.perf_counter() - start):,.0f} img/s", flush=True)
+    for decode in ("device", "workers"):
+        data = build_data({**config, "decode": decode}, device)
+        data.set_epoch(0, 1)
+        batches = data.train_batches()
+        next(batches)  # the workers start
+        start, seen = time.perf_counter(), 0
+        for _, labels in batches:
+            seen += len(labels)
+        sync()
+        print(f"pipeline alone, decode={decode}: {seen / (time.perf_counter() - start):,.0f} img/s", flush=True)
     files = EncodedFiles(data.train_loader.samples[:batch])
     encoded, paths = [files[i][0] for i in range(batch)], [files[i][2] for i in range(batch)]
     for name, work_once in (
@@ -181,7 +185,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "setrain_bench_pipeline")
     parser.add_argument("--tiny", action="store_true", help="small models, images and datasets: a dry run")
-    parser.add_argument("--only", help="comma-separated: run only the rows whose label or model contains one of these")
+    parser.add_argument("--only", help="'<run> / <model>' of the rows to run, separated by ;, e.g. 'JPEGs, device pipeline / se_resnet50'")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the pipeline-alone breakdown")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = args.device == "cuda"
@@ -192,7 +196,7 @@ def main() -> None:
         pipeline_alone(args.work, torch.device(args.device), args.tiny)
     print(f"| run | model | settings | end to end img/s | step alone img/s | ratio |\n|---|---|---|---:|---:|---:|")
     for row in rows(args.tiny):
-        if args.only and not any(part in row.label or part == row.model for part in args.only.split(",")):
+        if args.only and not any(f"{row.label} / {row.model}" == part for part in args.only.split(";")):
             continue
         try:
             speed, cfg = end_to_end(row, args.work, args.device, epochs=2)

@@ -118,13 +118,14 @@ def test_device_batches_depend_only_on_seed_epoch_and_index(tmp_path):
     assert not torch.equal(next(iter(data.train_batches()))[0], epoch_1[0][0])
 
 
-def test_files_of_every_kind_decode_and_a_corrupt_one_is_named(tmp_path):
+@pytest.mark.parametrize("decode", ["device", "workers"])
+def test_files_of_every_kind_decode_and_a_corrupt_one_is_named(tmp_path, decode):
     root = write_image_folder(tmp_path / "tree" / "train", ["a", "b"], per_class=4)
     write_image_folder(tmp_path / "tree" / "val", ["a", "b"], per_class=2)
     Image.new("CMYK", (50, 40), (10, 200, 30, 0)).save(root / "a" / "cmyk.jpg")
     Image.new("L", (45, 60), 128).save(root / "b" / "gray.jpg")
     write_image(root / "b" / "photo.bmp", np.random.default_rng(0), (50, 50))
-    config = {"name": "folder", "root": str(tmp_path / "tree"), "image_size": 24, "batch_size": 4, "num_workers": 0, "pipeline": "device"}  # fmt: skip
+    config = {"name": "folder", "root": str(tmp_path / "tree"), "image_size": 24, "batch_size": 4, "num_workers": 0, "pipeline": "device", "decode": decode}  # fmt: skip
     data = build_data(config, CPU)
     data.set_epoch(0, 1)
     batches = list(data.train_batches())
@@ -134,6 +135,20 @@ def test_files_of_every_kind_decode_and_a_corrupt_one_is_named(tmp_path):
         for epoch in (2, 3, 4):
             data.set_epoch(0, epoch)
             list(data.train_batches())
+
+
+def test_decoding_in_workers_gives_the_same_batches(tmp_path):
+    write_image_folder(tmp_path / "tree" / "train", ["a", "b"], per_class=6)
+    write_image_folder(tmp_path / "tree" / "val", ["a", "b"], per_class=2)
+    config = {"name": "folder", "root": str(tmp_path / "tree"), "image_size": 24, "batch_size": 4, "num_workers": 1, "pipeline": "device"}  # fmt: skip
+    batches = {}
+    for decode in ("device", "workers"):
+        data = build_data({**config, "decode": decode}, CPU)
+        data.set_epoch(0, 1)
+        batches[decode] = list(data.train_batches()) + list(data.val_loader)
+    assert len(batches["device"]) == 4
+    for (a, labels_a), (b, labels_b) in zip(batches["device"], batches["workers"]):
+        assert torch.equal(a, b) and torch.equal(labels_a, labels_b)
 
 
 def test_unsupported_recipe_says_to_use_workers(tmp_path):

@@ -31,8 +31,9 @@ DATASETS = {
     "folder": build_folder,
 }
 
-LOADER_KEYS = ("name", "batch_size", "num_workers", "pipeline")
+LOADER_KEYS = ("name", "batch_size", "num_workers", "pipeline", "decode")
 PIPELINES = ("auto", "workers", "device")
+DECODERS = ("device", "workers")
 
 
 @dataclass
@@ -111,6 +112,9 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
         raise SetrainError(f"data.pipeline={pipeline!r} is not known; use auto, workers or device.")
     if pipeline == "auto":
         pipeline = "device" if device.type == "cuda" else "workers"
+    decode = data_cfg.get("decode", "device")
+    if decode not in DECODERS:
+        raise SetrainError(f"data.decode={decode!r} is not known; use device (nvJPEG on CUDA) or workers (libjpeg-turbo).")
 
     train_set, val_set, num_classes = builder(**options)
     if len(train_set) < batch_size:
@@ -126,8 +130,8 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
         )
     generator = torch.Generator()
     if pipeline == "device":
-        train_loader = DeviceBatches(train_set, batch_size, device, True, num_workers, rank, world_size)
-        val_loader = DeviceBatches(val_set, batch_size, device, False, num_workers, rank, world_size)
+        train_loader = DeviceBatches(train_set, batch_size, device, True, num_workers, rank, world_size, decode)
+        val_loader = DeviceBatches(val_set, batch_size, device, False, num_workers, rank, world_size, decode)
         return _bundle(train_loader, val_loader, val_set, num_classes, generator, rank)
     on_cuda = device.type == "cuda"
     loader_options = dict(

@@ -161,40 +161,50 @@ def batch_generator(epoch_seed: int, rank: int, index: int) -> torch.Generator:
 def decode_images(encoded: list[Tensor], paths: list[str], device: torch.device) -> list[Tensor]:
     """uint8 RGB (3, H, W) images on `device`: JPEGs in one batched call (nvJPEG on CUDA); a file
     that fails there (CMYK, damaged) or is no JPEG is read by PIL, which names a corrupt file."""
-    from setrain.data.folders import load_rgb  # folders imports this module
-
     jpegs = [i for i, data in enumerate(encoded) if data[:2].tolist() == [0xFF, 0xD8]]
     images: list[Tensor | None] = [None] * len(encoded)
     try:
-        for i, image in zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)):
+        decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
+        for i, image in zip(jpegs, decoded):
             images[i] = image
     except RuntimeError:
         pass  # one file the batch decoder cannot read fails the batch: PIL takes the others too
     for i, image in enumerate(images):
         if image is None:
-            images[i] = F.pil_to_tensor(load_rgb(paths[i])).to(device)
+            images[i] = read_with_pil(paths[i]).to(device)
     return images
 
 
-class EncodedFiles(Dataset):
-    """(file bytes, label, path) of an image folder: all a worker does on the device pipeline."""
+def read_with_pil(path: str) -> Tensor:
+    from setrain.data.folders import load_rgb  # folders imports this module
 
-    def __init__(self, samples: list[tuple[str, int]]):
-        self.samples = samples
+    return F.pil_to_tensor(load_rgb(path))
+
+
+class EncodedFiles(Dataset):
+    """(file bytes, label, path) of an image folder: all a worker does when the device decodes;
+    with `decode`, (uint8 RGB image, label, path), decoded by libjpeg-turbo (PIL for other files)."""
+
+    def __init__(self, samples: list[tuple[str, int]], decode: bool = False):
+        self.samples, self.decode = samples, decode
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
         path, label = self.samples[index]
-        return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), label, path
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        if self.decode:
+            data = decode_images([data], [path], torch.device("cpu"))[0]
+        return data, label, path
 
 
 def collate_files(items: list) -> tuple[Tensor, Tensor, Tensor, list[str]]:
-    """A batch's files as one byte tensor and their lengths: one shared-memory block from a
-    worker instead of one per file."""
-    encoded, labels, paths = zip(*items)
-    return torch.cat(encoded), torch.tensor([len(data) for data in encoded]), torch.tensor(labels), list(paths)
+    """A batch's files (or decoded images) as one flat uint8 tensor and each one's shape: one
+    shared-memory block from a worker, and one copy to the device, instead of one per file."""
+    data, labels, paths = zip(*items)
+    shapes = torch.tensor([item.shape for item in data])
+    return torch.cat([item.flatten() for item in data]), shapes, torch.tensor(labels), list(paths)
 
 
 class ChangingBatches:
@@ -216,7 +226,7 @@ class DeviceBatches:
     and `batches(start)` that begins an epoch at a batch without preparing the ones before."""
 
     def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, train: bool,
-                 num_workers: int = 0, rank: int = 0, world_size: int = 1):  # fmt: skip
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1, decode: str = "device"):  # fmt: skip
         self.device, self.train, self.rank, self.world_size = device, train, rank, world_size
         self.batch_size, self.epoch_seed = batch_size, 0
         inner, indices = _unwrap(dataset)
@@ -224,10 +234,11 @@ class DeviceBatches:
         self.files = hasattr(inner, "samples")
         if self.files:
             self.samples = [inner.samples[i] for i in indices]
-            self.sampler = ChangingBatches()
+            self.sampler, self.decode_in_workers = ChangingBatches(), decode == "workers"
             self.reader = DataLoader(
-                EncodedFiles(self.samples), batch_sampler=self.sampler, num_workers=num_workers,
-                collate_fn=collate_files, persistent_workers=num_workers > 0,
+                EncodedFiles(self.samples, self.decode_in_workers), batch_sampler=self.sampler,
+                num_workers=num_workers, collate_fn=collate_files, persistent_workers=num_workers > 0,
+                pin_memory=self.decode_in_workers and device.type == "cuda",
             )  # fmt: skip
         else:
             images, labels = _arrays(inner)
@@ -258,8 +269,12 @@ class DeviceBatches:
 
     def _prepare(self, item, index: int) -> tuple[Tensor, Tensor]:
         if self.files:
-            encoded, lengths, labels, paths = item
-            images = decode_images(list(encoded.split(lengths.tolist())), paths, self.device)
+            flat, shapes, labels, paths = item
+            if self.decode_in_workers:
+                flat = flat.to(self.device, non_blocking=True)
+                images = [part.view(shape) for part, shape in zip(flat.split(shapes.prod(1).tolist()), shapes.tolist())]
+            else:
+                images = decode_images(list(flat.split(shapes[:, 0].tolist())), paths, self.device)
             labels = labels.to(self.device)
         else:
             images, labels = item
