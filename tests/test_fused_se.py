@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from setrain.errors import SetrainError
-from setrain.models import SEBlock, create_model, fused_se
+from setrain.models import SEBlock, build_model, create_model, fused_se, list_models
 from setrain.models.resnet import BasicBlock, Bottleneck
 
 GATES = ["sigmoid", "tanh", "relu"]
@@ -132,13 +132,15 @@ def test_training_is_deterministic():
     assert torch.equal(weights_after_a_step(), weights_after_a_step())
 
 
-def compare_backends(device: str) -> None:
-    """The fused tail with the Triton kernels equals it with the torch kernels."""
+def compare_backends(device: str, dtype: torch.dtype = torch.float32, shape=(2, 70, 5, 3), rtol=1e-5) -> None:
+    """The fused tail with the Triton kernels equals it with the torch kernels (in fp32 to `rtol`:
+    sums over many elements in another order differ by more than 1e-5)."""
     torch.manual_seed(0)
-    x = torch.randn(2, 70, 5, 3, device=device).to(memory_format=torch.channels_last) + 3
-    identity, grad = torch.randn(2, 70, 5, 3, device=device), torch.randn(2, 70, 5, 3, device=device)
-    norm = (torch.rand(70, device=device) + 0.5, torch.randn(70, device=device))
-    se = SEBlock(70, reduction=7).to(device)
+    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last) + 3
+    identity, grad = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
+    channels = shape[1]
+    norm = (torch.rand(channels, device=device) + 0.5, torch.randn(channels, device=device))
+    se = SEBlock(channels, reduction=7).to(device)
     results = {}
     for backend in ("torch", "triton"):
         inputs = [t.clone().requires_grad_() for t in (x, identity)]
@@ -148,8 +150,9 @@ def compare_backends(device: str) -> None:
         )
         out.backward(grad)
         results[backend] = [out, mean, var] + [t.grad for t in inputs + parameters]
+    tolerance = dict(rtol=rtol, atol=rtol) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for expected, value in zip(results["torch"], results["triton"]):
-        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(value, expected, **tolerance)
 
 
 def test_triton_kernels_compute_the_torch_kernels():
@@ -193,15 +196,35 @@ def test_options_refused_and_variants_that_fall_back(caplog):
     assert create_model("se_resnet20", fused=True, squeeze="max").stages[0][0].fused is False
 
 
+def test_configs_take_the_shared_se_options_and_fused_reaches_the_blocks():
+    from conftest import compose_config  # hydra, imported here: this file runs without it on a GPU
+
+    for name in list_models("se*") + ["senet154"]:
+        if name != "se_mobilenet_v1":
+            assert compose_config(f"model={name}").model.se.fused == "auto", name
+    cfg = compose_config("model=senet18_cifar", "model.se.fused=true", "model.se.reduction=8")
+    model = build_model(cfg.model, num_classes=10)
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert blocks and all(block.fused is True for block in blocks)
+    assert blocks[0].se.excitation[0].out_features == 64 // 8
+
+
+def test_sync_batchnorm_runs_unfused(monkeypatch):
+    """Its batch statistics are all processes': the fused tail's would be this process's only."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(create_model("se_resnet20", fused=True))
+    monkeypatch.setattr(fused_se.SEResidualTail, "apply", lambda *a: _unreachable())
+    model(torch.randn(2, 3, 8, 8))  # without a process group SyncBatchNorm computes BN
+
+
 def test_auto_follows_the_device_table(monkeypatch):
     model = create_model("se_resnet20", num_classes=3)
     x = torch.randn(1, 3, 8, 8)
     calls = []
     monkeypatch.setattr(fused_se.SEResidualTail, "apply", lambda *a: calls.append(1) or _unreachable())
-    monkeypatch.setitem(fused_se.AUTO, "cpu", False)
+    monkeypatch.setitem(fused_se.AUTO, ("cpu", False), False)
     model(x)
     assert calls == []
-    monkeypatch.setitem(fused_se.AUTO, "cpu", True)
+    monkeypatch.setitem(fused_se.AUTO, ("cpu", False), True)
     with pytest.raises(RuntimeError, match="fused path taken"):
         model(x)
 
@@ -210,5 +233,10 @@ def _unreachable():
     raise RuntimeError("fused path taken")
 
 
-if __name__ == "__main__":
-    compare_backends("cpu")
+if __name__ == "__main__":  # the kernels on a GPU without pytest's conftest (hydra), or interpreted
+    if torch.cuda.is_available():
+        for dtype in (torch.float32, torch.bfloat16):
+            compare_backends("cuda", dtype, shape=(64, 256, 28, 28), rtol=5e-4)
+        print("Triton kernels equal the torch kernels on CUDA (fp32, bf16)")
+    else:
+        compare_backends("cpu")

@@ -11,8 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from setrain.errors import SetrainError
 
-# Model keys that may change when a run is continued: where the weights came from, not what they are.
-CONTINUABLE_MODEL_KEYS = ("pretrained", "pretrained_format")
+# Model keys that may change when a run is continued: where the weights came from, not what they
+# are, and how the fused SE tail computes the same function.
+CONTINUABLE_MODEL_KEYS = ("model.pretrained", "model.pretrained_format", "model.se.fused")
 
 
 def lock_run_dir(run_dir: Path) -> int:
@@ -66,7 +67,7 @@ def _identity(config: Mapping) -> dict[str, object]:
         for key, value in node.items():
             if isinstance(value, Mapping):
                 pending.append((f"{prefix}.{key}", value))
-            elif prefix != "model" or key not in CONTINUABLE_MODEL_KEYS:
+            elif f"{prefix}.{key}" not in CONTINUABLE_MODEL_KEYS:
                 flat[f"{prefix}.{key}"] = value
     return flat
 

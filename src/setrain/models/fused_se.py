@@ -24,8 +24,10 @@ from setrain.errors import SetrainError
 log = logging.getLogger(__name__)
 
 FUSED_CHOICES = ("auto", True, False)
-# Where `fused: auto` takes the fused path, per device type; measured in docs/benchmarks.md.
-AUTO = {"cuda": True, "cpu": False}
+# Where `fused: auto` takes the fused path, per (device type, under torch.compile); measured in
+# docs/benchmarks.md (Fused SE). Compiled, inductor traces the torch-op kernels and keeps more
+# tensors for the backward than the unfused block does, for a small gain in speed.
+AUTO = {("cuda", False): True, ("cuda", True): False, ("cpu", False): False, ("cpu", True): False}
 
 
 def fused_setting(fused, placement: str, squeeze: str):
@@ -43,8 +45,14 @@ def fused_setting(fused, placement: str, squeeze: str):
     return fused
 
 
-def takes_fused_path(fused, x: Tensor) -> bool:
-    return AUTO.get(x.device.type, False) if fused == "auto" else fused
+def takes_fused_path(fused, x: Tensor, bn: nn.Module) -> bool:
+    """Whether this call fuses: not with SyncBatchNorm (`trainer.sync_batchnorm`), whose batch
+    statistics are those of all processes."""
+    if isinstance(bn, nn.SyncBatchNorm):
+        return False
+    if fused == "auto":
+        return AUTO.get((x.device.type, torch.compiler.is_compiling()), False)
+    return fused
 
 
 def se_residual_tail(x: Tensor, identity: Tensor, bn: nn.BatchNorm2d, se: nn.Module) -> Tensor:

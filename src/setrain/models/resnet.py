@@ -74,7 +74,7 @@ class BasicBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if takes_fused_path(self.fused, x):
+        if takes_fused_path(self.fused, x, self.residual[-1]):
             *layers, bn = self.residual
             branch = x
             for layer in layers:
