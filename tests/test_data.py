@@ -337,7 +337,7 @@ def test_corrupt_image_in_a_worker_is_one_sentence_naming_the_file(tmp_path):
 
 def test_workers_persist_and_pin_memory_only_on_cuda(tmp_path):
     write_cifar10(tmp_path)
-    config = {**data_config("cifar10", root=str(tmp_path)), "num_workers": 2}
+    config = {**data_config("cifar10", root=str(tmp_path)), "num_workers": 2, "pipeline": "workers"}
     cpu = build_data(config, CPU).train_loader
     cuda = build_data(config, torch.device("cuda")).train_loader
     assert not cpu.persistent_workers and not cpu.pin_memory

@@ -202,7 +202,7 @@ def test_early_stop_ends_the_run_after_patience_epochs_without_a_better_top1(tin
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("trainer.precision=8", "trainer.precision=8 is not known; use 32, bf16 or 16"),
+        ("trainer.precision=8", "trainer.precision=8 is not known; use auto, 32, bf16 or 16"),
         ("trainer.accumulate_grad_batches=0", "accumulate_grad_batches=0 must be a positive integer"),
         ("trainer.ema_decay=1.5", "ema_decay=1.5 must be between 0 and 1"),
         ("trainer.grad_clip_norm=0", "grad_clip_norm=0 must be positive"),
