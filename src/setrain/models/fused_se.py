@@ -92,9 +92,16 @@ class TorchKernels:
 
     @staticmethod
     def moments(x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-(n, c) mean and biased variance over H, W."""
-        var, mean = torch.var_mean(x.to(_accumulation(x)), dim=(2, 3), correction=0)
-        return mean, var
+        """Per-(n, c) mean and biased variance over H, W. Compiled, inductor computes var_mean in
+        one pass; in eager ATen, two sums (of x and x**2) are several times faster than var_mean
+        over H, W, and lose digits of the variance only for a mean far larger than the spread."""
+        x = x.to(_accumulation(x))
+        if torch.compiler.is_compiling():
+            var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
+            return mean, var
+        area = x.shape[2] * x.shape[3]
+        mean = x.sum((2, 3)) / area
+        return mean, torch.clamp_min((x * x).sum((2, 3)) / area - mean * mean, 0)
 
     @staticmethod
     def scale_add_relu(x: Tensor, a: Tensor, b: Tensor, identity: Tensor) -> Tensor:
@@ -105,7 +112,7 @@ class TorchKernels:
     @staticmethod
     def relu_grad_sums(grad: Tensor, out: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """dz = grad where out > 0, and its per-(n, c) sums of dz and of dz * x."""
-        dz = torch.where(out > 0, grad, 0)
+        dz = torch.ops.aten.threshold_backward(grad, out, 0)
         dtype = _accumulation(x)
         return dz, dz.sum((2, 3), dtype=dtype), (dz * x).sum((2, 3), dtype=dtype)
 
