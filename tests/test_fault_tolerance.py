@@ -102,6 +102,39 @@ def test_sigterm_saves_and_a_swept_again_multirun_skips_finished_jobs_and_resume
     assert_same_weights(final_weights(second), final_weights(reference))  # r=16 is the default
 
 
+def test_a_signal_no_training_step_sees_stops_the_sweep_after_saving_and_the_sweep_continues(tmp_path):
+    """SIGTERM during validation, SIGINT after a job's last step: each stops the sweep with
+    128 + signal once the epoch is saved, and the same command continues it."""
+    sweep_dir = tmp_path / "sweep"
+    # 8 steps an epoch, then a validation long enough (512 images) for the signals to land in it.
+    sweep = ["-m", *LONG, "data.train_size=128", "data.val_size=512", "model.se.reduction=8,16", f"hydra.sweep.dir={sweep_dir}"]
+    process = start_cli(*sweep, cwd=tmp_path)
+    wait_for_step(sweep_dir, "0_*/checkpoints/last.pt", 8, process)  # epoch 1 trained: validating
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stdout
+    assert "Stopped by SIGTERM after epoch 1/2" in stdout and "Run the same command again" in stdout
+    (first,) = sweep_dir.glob("0_*")
+    saved = load_checkpoint(first / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["global_step"], saved["epoch_progress"]) == (1, 8, None)
+    assert not list(sweep_dir.glob("1_*"))
+
+    process = start_cli(*sweep, cwd=tmp_path)
+    wait_for_step(first, "checkpoints/last.pt", 16, process)  # job 0's last step: validating
+    process.send_signal(signal.SIGINT)
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGINT, stdout
+    assert "Resumed from" in stdout and "Stopped by SIGINT before job 1" in stdout
+    assert (first / "results.json").is_file()
+    assert not list(sweep_dir.glob("1_*/checkpoints/last.pt"))
+
+    again = run_cli(*sweep, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "Job 0 finished earlier" in again.stdout
+    (second,) = sweep_dir.glob("1_*")
+    assert json.loads((second / "results.json").read_text())["final"]["epoch"] == 2
+
+
 def test_diverging_run_stops_with_one_sentence_and_writes_no_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(*LONG, "trainer.checkpoint_every_n_steps=null", "optimizer.lr=1e30", f"hydra.run.dir={run_dir}", cwd=tmp_path)

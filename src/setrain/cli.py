@@ -5,6 +5,10 @@ printed as one sentence without a traceback; set HYDRA_FULL_ERROR=1 to see the f
 multirun the failed job is reported and the sweep goes on; the process then exits non-zero. A
 multirun started again with the same `hydra.sweep.dir` skips the jobs that finished and resumes
 the others from their checkpoints.
+
+SIGTERM or SIGINT at any moment of a training process (engine/signals.py) ends it with 128 + the
+signal's number once what was trained is saved: inside a job the trainer saves and stops; one
+that came after a job's last training step stops the sweep before its next job.
 """
 
 import json
@@ -24,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
-from setrain.engine import train
+from setrain.engine import signals, train
 from setrain.engine.rundir import check_earlier_run, lock_run_dir
 from setrain.engine.signals import RunStopped
 from setrain.errors import SetrainError
@@ -68,6 +72,7 @@ class ClaimRunDir(Callback):
         self.job_lock = None
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        signals.record_stop_signals()
         with _exit_on_user_error():
             check_values_before_run(config)
         if self.claims:
@@ -77,6 +82,7 @@ class ClaimRunDir(Callback):
                 check_earlier_run(run_dir, config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        signals.record_stop_signals()
         if self.claims:
             with _exit_on_user_error():
                 self.sweep_lock = lock_run_dir(Path(config.hydra.sweep.dir).absolute())
@@ -107,6 +113,7 @@ def run_training(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
+        _stop_on_earlier_signal(f"before job {hydra_cfg.job.num}")
         results = run_dir / "results.json"
         if results.is_file():
             log.info("Job %s finished earlier (%s); skipping it.", hydra_cfg.job.num, results)
@@ -119,6 +126,8 @@ def run_training(cfg: DictConfig) -> float | None:
         return train(cfg, run_dir)["best"]["val_top1"]
     except RunStopped as stopped:
         log.info("%s", stopped)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            log.info("Run the same command again to continue the sweep in %s.", hydra_cfg.sweep.dir)
         sys.exit(stopped.exit_code)
     except SetrainError as error:
         report_user_error(error)
@@ -145,8 +154,17 @@ def run_command(command: Callable, cfg) -> None:
         sys.exit(1)
 
 
+def _stop_on_earlier_signal(where: str) -> None:
+    """End the process as stopped if it got SIGTERM or SIGINT where no training step saw it."""
+    name = signals.received()
+    if name is not None:
+        log.info("Stopped by %s %s; what was trained is saved. Run the same command again to continue.", name, where)
+        sys.exit(signals.exit_code(name))
+
+
 def exit_status() -> int:
-    """Non-zero after a multirun in which some job failed, listing those jobs."""
+    """128 + signal after a stop signal; non-zero after a multirun in which some job failed, listing those jobs."""
+    _stop_on_earlier_signal("after training ended")
     if failed_jobs:
         print(f"setrain: {len(failed_jobs)} job(s) failed: {', '.join(failed_jobs)}", file=sys.stderr)
         return 1

@@ -1,39 +1,63 @@
 """SIGTERM (cluster pre-emption, `scancel`) and SIGINT (Ctrl-C) end a run with a checkpoint.
 
-The handler only records the signal; the loop checks it after an optimizer step, saves, and
-stops. A second Ctrl-C falls through to Python's default and interrupts at once.
+The handler only records the signal; the trainer checks it after an optimizer step and after an
+epoch's checkpoint, saves, and stops. The record lasts as long as the process, so a signal that
+no training step saw (one during validation, a checkpoint write, or between a sweep's jobs)
+still stops the sweep (setrain.cli). A second signal falls through to Python's default and
+interrupts at once.
 """
 
 import signal
 import threading
 from contextlib import contextmanager
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: str | None = None  # the first stop signal this process got, e.g. "SIGTERM"
+
+
+def received() -> str | None:
+    """The name of the first stop signal this process got, or None."""
+    return _received
+
+
+def _record(number, frame):
+    global _received
+    if _received is None:
+        _received = signal.Signals(number).name
+        return
+    if number == signal.SIGINT:
+        signal.default_int_handler(number, frame)  # raises KeyboardInterrupt
+    signal.signal(number, signal.SIG_DFL)
+    signal.raise_signal(number)
+
+
+def record_stop_signals() -> None:
+    """Record SIGTERM and SIGINT from now until the process ends (a sweep: across its jobs)."""
+    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        for number in STOP_SIGNALS:
+            signal.signal(number, _record)
+
 
 class StopRequest:
-    def __init__(self):
-        self.signal_name: str | None = None
-
-    def _record(self, number, frame):
-        self.signal_name = signal.Signals(number).name
-        signal.signal(number, signal.SIG_DFL if number == signal.SIGTERM else signal.default_int_handler)
+    @property
+    def signal_name(self) -> str | None:
+        return _received
 
     @property
     def requested(self) -> bool:
-        return self.signal_name is not None
+        return _received is not None
 
 
 @contextmanager
 def stop_on_signals():
     """Record SIGTERM and SIGINT while the run trains, then restore the previous handlers."""
-    request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():  # Python allows handlers only there
-        yield request
+    if threading.current_thread() is not threading.main_thread():
+        yield StopRequest()
         return
-    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-    for number in previous:
-        signal.signal(number, request._record)
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    record_stop_signals()
     try:
-        yield request
+        yield StopRequest()
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -44,4 +68,9 @@ class RunStopped(Exception):
 
     def __init__(self, signal_name: str, message: str):
         super().__init__(message)
-        self.exit_code = 128 + signal.Signals[signal_name].value
+        self.exit_code = exit_code(signal_name)
+
+
+def exit_code(signal_name: str) -> int:
+    """What a shell reports for a process ended by `signal_name`: 128 + its number."""
+    return 128 + signal.Signals[signal_name].value

@@ -386,6 +386,18 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
                     stale_epochs, best["val_top1"], best["epoch"],
                 )  # fmt: skip
                 break
+            # A signal during validation or the checkpoint writes, which no training step saw: the
+            # epoch is saved, so stop before the next (after the last, cli.py stops once it is done).
+            if epoch < trainer.epochs and (stop.requested if not processes.distributed else (
+                sum_across(processes, torch.tensor(float(stop.requested), device=device))[0].item() > 0
+            )):  # fmt: skip
+                if writer is not None:
+                    writer.close()
+                raise RunStopped(
+                    stop.signal_name or "SIGTERM",
+                    f"Stopped by {stop.signal_name or 'another process'} after {progress}; saved "
+                    f"{checkpoint_dir / 'last.pt'}. Continue with resume=auto hydra.run.dir={run_dir}",
+                )
 
     results = {
         "model": cfg.model.name,
