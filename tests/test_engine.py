@@ -245,10 +245,14 @@ def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_co
 
 
 def test_a_full_disk_when_writing_results_is_one_sentence(tiny_config, tmp_path, monkeypatch):
-    def disk_is_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def disk_fills_midway(path, write, write_atomically=trainer.write_atomically):
+        def half_then_full(file):
+            file.write(b"{")
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer.Path, "write_text", disk_is_full)  # only results.json uses it
+        write_atomically(path, half_then_full)
+
+    monkeypatch.setattr(trainer, "write_atomically", disk_fills_midway)  # only results.json uses it
     with pytest.raises(SetrainError, match="Could not write .*results.json \\(No space left on device\\); the checkpoints are saved"):
         train(tiny_config("trainer.epochs=1"), tmp_path)
     assert (tmp_path / "checkpoints" / "last.pt").is_file() and not list(tmp_path.glob("results.json*"))

@@ -1,9 +1,12 @@
 """Reading files as data, never as code: checkpoints and imported weights share one safe torch
 loader, and pickled datasets (CIFAR's batches) one unpickler that only rebuilds arrays."""
 
+import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -14,6 +17,23 @@ from setrain.errors import SetrainError
 REFUSED_CODE = re.compile(
     r"GLOBAL \S+ (was not an allowed|whose module)|unrecognized function|Can only (build|create)"
 )
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through `write` into path.tmp, flush it to disk, then rename it over `path`: a crash or
+    a full disk mid-write leaves the previous file intact, and a failed write no temporary file.
+    The write's own error is raised; callers say it in a sentence."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def load_torch_file(path: Path, what: str, missing_fix: str, unreadable_fix: str):

@@ -1,40 +1,142 @@
-"""Checkpoints: written atomically, read as data only (``weights_only=True``), never as code."""
+"""Checkpoints: what a run saves to continue exactly, written atomically, read as data only
+(``weights_only=True``), never as code.
+
+The format is one dict: the state dicts of model, optimizer, scheduler, GradScaler (and EMA),
+the `RunState` fields, this process's position and random state (and those of the other
+processes under torchrun, in "other_ranks"), and the resolved config.
+"""
 
 import errno
-import os
+import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from setrain.engine.distributed import Processes, gather_object
+from setrain.engine.loop import EpochTotals, Recipe
+from setrain.engine.runtime import rng_states
 from setrain.errors import SetrainError
-from setrain.files import load_torch_file
+from setrain.files import load_torch_file, write_atomically
+
+log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch")
 
 
+@dataclass
+class RunState:
+    """Where a run stands, and the one owner of it: what the trainer updates and a checkpoint keeps."""
+
+    epoch: int = 0  # epochs completed
+    global_step: int = 0  # optimizer steps taken
+    stale_epochs: int = 0  # epochs since the best val top-1
+    best: dict = field(default_factory=lambda: {"epoch": 0, "val_top1": -1.0})
+    metrics: dict = field(default_factory=dict)  # the last completed epoch's
+    resumed_totals: EpochTotals | None = None  # progress inside epoch `epoch + 1` when resumed there
+    resumed_rng: dict | None = None  # random states to restore once the resumed epoch's batches start
+
+    def end_epoch(self, epoch: int, metrics: dict, val_record: dict) -> bool:
+        """Record a finished epoch; True when its val top-1 is the best so far."""
+        self.epoch, self.metrics = epoch, metrics
+        is_best = val_record["val_top1"] > self.best["val_top1"]
+        if is_best:
+            self.best = {"epoch": epoch, **val_record}
+        self.stale_epochs = 0 if is_best else self.stale_epochs + 1
+        return is_best
+
+
+@dataclass
+class Trainees:
+    """What training changes and a checkpoint restores besides the run state."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    recipe: Recipe
+
+
+def checkpoint_of(trainees: Trainees, state: RunState, totals: EpochTotals | None, config: dict,
+                  processes: Processes) -> dict | None:  # fmt: skip
+    """Everything needed to continue after `state.epoch` epochs and, inside the next one, after the
+    batches in `totals` (None at an epoch's end). Under torchrun every process calls it, as it
+    gathers each one's position and random state; rank 0 gets the checkpoint, the others None."""
+    cpu = torch.device("cpu")
+    positions = gather_object(processes, {
+        "epoch_progress": None if totals is None else vars(totals.to(cpu)),
+        "rng": rng_states(),
+    })  # fmt: skip
+    if positions is None:
+        return None
+    ema = trainees.recipe.ema
+    return {
+        "model": trainees.model.state_dict(),
+        "optimizer": trainees.optimizer.state_dict(),
+        "scheduler": trainees.scheduler.state_dict(),
+        "scaler": trainees.recipe.scaler.state_dict(),
+        **({"ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged)} if ema is not None else {}),
+        "epoch": state.epoch,
+        **positions[0],  # epoch_progress and rng: rank 0's, or the only process's
+        "other_ranks": positions[1:],
+        "global_step": state.global_step,
+        "stale_epochs": state.stale_epochs,
+        "best": state.best,
+        "metrics": state.metrics,
+        "config": config,
+    }
+
+
+def restore(trainees: Trainees, checkpoint: dict, source: Path, processes: Processes, device: torch.device) -> RunState:
+    """Load a checkpoint into the trainees; the run state to continue from."""
+    load_model_state(trainees.model, checkpoint["model"], source)
+    trainees.optimizer.load_state_dict(checkpoint["optimizer"])
+    trainees.scheduler.load_state_dict(checkpoint["scheduler"])
+    recipe = trainees.recipe
+    if "scaler" in checkpoint:
+        recipe.scaler.load_state_dict(checkpoint["scaler"])
+    if recipe.ema is not None and "ema" in checkpoint:
+        recipe.ema.module.load_state_dict(checkpoint["ema"])
+        recipe.ema.n_averaged.fill_(checkpoint["ema_updates"])
+    position = _position_of_this_process(checkpoint, processes)
+    progress = position.get("epoch_progress")
+    return RunState(
+        epoch=checkpoint["epoch"], global_step=checkpoint.get("global_step", 0),
+        stale_epochs=checkpoint.get("stale_epochs", 0), best=checkpoint["best"], metrics=checkpoint["metrics"],
+        resumed_totals=EpochTotals(**progress).to(device) if progress else None, resumed_rng=position["rng"],
+    )  # fmt: skip
+
+
+def _position_of_this_process(checkpoint: dict, processes: Processes) -> dict:
+    """This process's epoch progress and random state: its own when the checkpoint was saved by
+    as many processes, rank 0's otherwise."""
+    others = checkpoint.get("other_ranks", [])
+    if len(others) != processes.world_size - 1:
+        if processes.is_main:
+            log.warning(
+                "The checkpoint was saved by %d processes and %d continue it: each takes rank 0's "
+                "random state, so the run goes on but not exactly as it would have.",
+                len(others) + 1, processes.world_size,
+            )  # fmt: skip
+        return checkpoint
+    return checkpoint if processes.rank == 0 else others[processes.rank - 1]
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash, or a disk that fills up, mid-write leaves
-    the previous file intact (and a failed write leaves no temporary file behind)."""
-    temporary = path.with_name(path.name + ".tmp")
+    """Atomically: a crash, or a disk that fills up, mid-write leaves the previous file intact.
+    torch.save reports a full disk as a RuntimeError of its zip writer, not an OSError."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
+        write_atomically(path, lambda file: torch.save(state, file))
+    except (OSError, RuntimeError) as error:
         kept = f" (the previous {path.name} is intact)" if path.is_file() else ""
         resume = f"continue with resume=auto hydra.run.dir={path.parent.parent}"
-        if error.errno == errno.ENOSPC:
+        if getattr(error, "errno", None) == errno.ENOSPC or "failed writing" in str(error):
             raise SetrainError(
                 f"The disk is full: could not write checkpoint {path}{kept}; free space on it, then {resume}."
             ) from error
         raise SetrainError(
-            f"Could not write checkpoint {path} ({error.strerror or error}){kept}; make {path.parent} "
-            f"writable, then {resume}."
+            f"Could not write checkpoint {path} ({getattr(error, 'strerror', None) or error}){kept}; make "
+            f"{path.parent} writable, then {resume}."
         ) from error
 
 

@@ -1,4 +1,6 @@
-"""What TensorBoard shows beyond the loop's scalars: hyperparameters, SE gates, sample images."""
+"""What TensorBoard shows: the run's curves (RunCurves), hyperparameters, SE gates, sample images."""
+
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -64,3 +66,41 @@ def add_image_grid(writer: SummaryWriter, images: Tensor) -> None:
     """The first training batch as the network sees it (augmented; each image rescaled to 0..1)."""
     grid = make_grid(images[:IMAGES_IN_GRID].float().cpu(), nrow=8, normalize=True, scale_each=True)
     writer.add_image("train/batch", grid, 0)
+
+
+class RunCurves:
+    """The run's TensorBoard curves, in one place: rank 0 writes them, other processes call the
+    same methods and nothing happens."""
+
+    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None):
+        self.writer = SummaryWriter(log_dir, purge_step=purge_step) if enabled else None
+
+    def sample_images(self, images: Tensor) -> None:
+        if self.writer is not None:
+            add_image_grid(self.writer, images)
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar("loss/train_step", loss, step)
+            self.writer.add_scalar("lr/step", lr, step)
+
+    def epoch(self, epoch: int, lr: float, train: dict, val: dict, model: nn.Module, gate_images: Tensor) -> None:
+        """Train and val metrics (the EMA's as e.g. top1/val_ema, beside top1/val), lr, SE gates."""
+        if self.writer is None:
+            return
+        for key, value in train.items():
+            self.writer.add_scalar(f"{key}/train", value, epoch)
+        for key, value in val.items():
+            self.writer.add_scalar(f"{key.removeprefix('ema_')}/val{'_ema' * key.startswith('ema_')}", value, epoch)
+        self.writer.add_scalar("lr", lr, epoch)
+        add_excitation_histograms(self.writer, model, gate_images, epoch)
+        self.writer.flush()
+
+    def finish(self, cfg: DictConfig, metrics: dict[str, float]) -> None:
+        if self.writer is not None:
+            add_hparams(self.writer, cfg, metrics)
+        self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,19 +20,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from setrain.data import build_data
+from setrain.data import DataBundle, build_data
 from setrain.data.transforms import batch_mixing
-from setrain.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from setrain.engine.curves import add_excitation_histograms, add_hparams, add_image_grid
+from setrain.engine.checkpoint import RunState, Trainees, checkpoint_of, load_checkpoint, restore, save_checkpoint
+from setrain.engine.curves import RunCurves
 from setrain.engine.distributed import (
     Processes,
     broadcast_buffers,
     broadcast_object,
     close_processes,
-    gather_object,
     init_processes,
     sum_across,
 )
@@ -46,10 +45,10 @@ from setrain.engine.runtime import (
     resolve_device,
     resolve_precision,
     restore_rng_states,
-    rng_states,
 )
 from setrain.engine.signals import RunStopped, stop_on_signals
 from setrain.errors import SetrainError
+from setrain.files import write_atomically
 from setrain.models import build_model
 
 log = logging.getLogger(__name__)
@@ -89,35 +88,6 @@ def _resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
     return Path(resume)
 
 
-def _write_json(data: dict, path: Path) -> None:
-    """Atomically, like checkpoints; a failed write (a full disk) is one sentence."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise SetrainError(
-            f"Could not write {path} ({error.strerror or error}); the checkpoints are saved, so free "
-            f"space or make {path.parent} writable, then rerun with resume=auto hydra.run.dir={path.parent}."
-        ) from error
-
-
-def _position_of_this_process(state: dict, processes: Processes) -> dict:
-    """This process's epoch progress and random state from a checkpoint: its own when the
-    checkpoint was saved by as many processes, rank 0's otherwise."""
-    others = state.get("other_ranks", [])
-    if len(others) != processes.world_size - 1:
-        if processes.is_main:
-            log.warning(
-                "The checkpoint was saved by %d processes and %d continue it: each takes rank 0's "
-                "random state, so the run goes on but not exactly as it would have.",
-                len(others) + 1, processes.world_size,
-            )  # fmt: skip
-        return state
-    return state if processes.rank == 0 else others[processes.rank - 1]
-
-
 def _check_finite(loss: float, where: str) -> None:
     if not math.isfinite(loss):
         raise SetrainError(
@@ -149,29 +119,101 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Processes) -> dict:
+    """Set up, then per epoch: train, validate, end the epoch (log, checkpoint, maybe stop early)."""
     started = time.perf_counter()
-    trainer = cfg.trainer
+    device = _configure_process(cfg, device, processes)
+    data = build_data(OmegaConf.to_container(cfg.data, resolve=True), device, processes.rank, processes.world_size)
+    trainees, precision = _build_trainees(cfg, data, device, processes)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    run = Run(cfg, config, run_dir, device, processes, data, trainees, RunState(), train_model=trainees.model)
+    resume_from = _resume_path(cfg.resume, run.checkpoint_dir)
+    if resume_from is not None:
+        run.state = _resume(cfg, trainees, resume_from, processes, device)
+    run.train_model = _wrap_for_training(trainees.model, cfg.trainer, device, processes)
+    log.info(
+        "Training %s (%s parameters) on %s for %d epochs on %s%s, precision %s; run dir %s",
+        cfg.model.name, f"{run.num_params:,}", cfg.data.name, cfg.trainer.epochs, device,
+        f" x {processes.world_size} processes" if processes.distributed else "", precision, run_dir,
+    )  # fmt: skip
+    run.curves = RunCurves(run_dir / "tb", processes.is_main, purge_step=run.state.global_step or None)
+    if processes.is_main:
+        run.gate_images = next(iter(data.val_loader))[0][:HISTOGRAM_IMAGES].to(device, memory_format=trainees.recipe.memory_format)
+        if resume_from is None:
+            run.curves.sample_images(next(iter(data.train_loader))[0].cpu())
+    stopped_early_at = None
+    with stop_on_signals() as stop:
+        for epoch in range(run.state.epoch + 1, cfg.trainer.epochs + 1):
+            train_metrics = _train_epoch(run, epoch, stop)
+            val_metrics = _validate(run, epoch)
+            if _end_epoch(run, epoch, train_metrics, val_metrics):
+                stopped_early_at = epoch
+                break
+            if epoch < cfg.trainer.epochs and _stop_requested(stop, processes, device):
+                # A signal during validation or the checkpoint writes, which no training step saw:
+                # the epoch is saved, so stop before the next (after the last, cli.py stops).
+                run.curves.close()
+                raise RunStopped(
+                    stop.signal_name or "SIGTERM",
+                    f"Stopped by {stop.signal_name or 'another process'} after epoch {epoch}/{cfg.trainer.epochs}; "
+                    f"saved {run.checkpoint_dir / 'last.pt'}. Continue with resume=auto hydra.run.dir={run_dir}",
+                )
+    return _finish(run, precision, stopped_early_at, time.perf_counter() - started)
+
+
+@dataclass
+class Run:
+    """The pieces of one run that its epochs share; the trainer's functions below read and update it."""
+
+    cfg: DictConfig
+    config: dict  # cfg resolved, as checkpoints keep it
+    run_dir: Path
+    device: torch.device
+    processes: Processes
+    data: DataBundle
+    trainees: Trainees
+    state: RunState
+    train_model: nn.Module  # the model wrapped for training (DDP, compiled)
+    curves: RunCurves | None = None
+    gate_images: torch.Tensor | None = None  # the fixed validation images whose SE gates are histogrammed
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.trainees.model.parameters())
+
+    def checkpoint(self, totals: EpochTotals | None) -> dict | None:
+        return checkpoint_of(self.trainees, self.state, totals, self.config, self.processes)
+
+
+def _configure_process(cfg: DictConfig, device: torch.device, processes: Processes) -> torch.device:
+    """This process's device, kernels, malloc and seeds; returns the device it trains on."""
     if processes.distributed and device.type == "cuda":
         device = torch.device("cuda", processes.local_rank)
         torch.cuda.set_device(device)
     if not processes.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    if trainer.deterministic:
+    if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not trainer.deterministic
-    if device.type == "cpu" and trainer.keep_freed_memory:
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.trainer.deterministic
+    if device.type == "cpu" and cfg.trainer.keep_freed_memory:
         keep_freed_memory()
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     random.seed(cfg.seed + processes.rank)
+    return device
 
-    data = build_data(OmegaConf.to_container(cfg.data, resolve=True), device, processes.rank, processes.world_size)
+
+def _build_trainees(cfg: DictConfig, data: DataBundle, device: torch.device, processes: Processes) -> tuple[Trainees, str]:
+    """Model, optimizer, scheduler and the Recipe of a training step; and the precision resolved."""
+    trainer = cfg.trainer
     model = build_model(OmegaConf.to_container(cfg.model), data.num_classes)
     memory_format = torch.channels_last if resolve_channels_last(trainer.channels_last, device) else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     if processes.distributed:
         torch.manual_seed(cfg.seed + processes.rank)  # after the shared init: own MixUp/augmentation draws
-    num_params = sum(p.numel() for p in model.parameters())
     effective_batch = cfg.data.batch_size * trainer.accumulate_grad_batches * processes.world_size
     optimizer = build_optimizer(cfg.optimizer, model, effective_batch)
     scheduler = build_scheduler(cfg.scheduler, optimizer, trainer.epochs)
@@ -188,34 +230,24 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
             model, multi_avg_fn=get_ema_multi_avg_fn(trainer.ema_decay), use_buffers=True
         ),
     )  # fmt: skip
-    val_criterion = nn.CrossEntropyLoss()  # without label smoothing, comparable across runs
+    return Trainees(model, optimizer, scheduler, recipe), precision
 
-    checkpoint_dir = run_dir / "checkpoints"
-    first_epoch, global_step, stale_epochs = 1, 0, 0
-    best, last_metrics, resumed_totals, resumed_rng = {"epoch": 0, "val_top1": -1.0}, {}, None, None
-    resume_from = _resume_path(cfg.resume, checkpoint_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        check_same_run(cfg, state["config"], f"Checkpoint {resume_from}")
-        load_model_state(model, state["model"], resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            recipe.scaler.load_state_dict(state["scaler"])
-        if recipe.ema is not None and "ema" in state:
-            recipe.ema.module.load_state_dict(state["ema"])
-            recipe.ema.n_averaged.fill_(state["ema_updates"])
-        first_epoch, best, last_metrics = state["epoch"] + 1, state["best"], state["metrics"]
-        global_step, stale_epochs = state.get("global_step", 0), state.get("stale_epochs", 0)
-        position = _position_of_this_process(state, processes)
-        resumed_rng = position["rng"]
-        if position.get("epoch_progress"):
-            resumed_totals = EpochTotals(**position["epoch_progress"]).to(device)
-        log.info(
-            "Resumed from %s after epoch %d%s", resume_from, state["epoch"],
-            f" and {resumed_totals.batches} batches of epoch {first_epoch}" if resumed_totals else "",
-        )  # fmt: skip
 
+def _resume(cfg: DictConfig, trainees: Trainees, path: Path, processes: Processes, device: torch.device) -> RunState:
+    checkpoint = load_checkpoint(path)
+    check_same_run(cfg, checkpoint["config"], f"Checkpoint {path}")
+    state = restore(trainees, checkpoint, path, processes, device)
+    inside = state.resumed_totals
+    log.info(
+        "Resumed from %s after epoch %d%s", path, state.epoch,
+        f" and {inside.batches} batches of epoch {state.epoch + 1}" if inside else "",
+    )  # fmt: skip
+    return state
+
+
+def _wrap_for_training(model: nn.Module, trainer: DictConfig, device: torch.device, processes: Processes) -> nn.Module:
+    """SyncBatchNorm, DDP and torch.compile, as configured; the model itself stays unwrapped for
+    evaluation and checkpoints."""
     if trainer.sync_batchnorm and processes.distributed:
         if device.type != "cuda":
             raise SetrainError(
@@ -227,203 +259,166 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
     if processes.distributed:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     backend = resolve_compile(trainer.compile, device)
-    if backend:
-        train_model = torch.compile(train_model, backend=backend)
+    return torch.compile(train_model, backend=backend) if backend else train_model
 
-    log.info(
-        "Training %s (%s parameters) on %s for %d epochs on %s%s, precision %s; run dir %s",
-        cfg.model.name, f"{num_params:,}", cfg.data.name, trainer.epochs, device,
-        f" x {processes.world_size} processes" if processes.distributed else "", precision, run_dir,
+
+def _train_epoch(run: Run, epoch: int, stop) -> dict:
+    """One epoch's training steps, with per-step logging, step checkpoints and stopping on a signal;
+    the epoch's mean loss, top-1 and images/s over all processes."""
+    cfg, state, processes, device = run.cfg, run.state, run.processes, run.device
+    trainer, optimizer = cfg.trainer, run.trainees.optimizer
+    progress = f"epoch {epoch}/{trainer.epochs}"
+    run.data.set_epoch(cfg.seed, epoch)
+    totals, state.resumed_totals = state.resumed_totals or EpochTotals().to(device), None
+    batches = run.data.train_batches(start=totals.batches)
+    if state.resumed_rng is not None:
+        restore_rng_states(state.resumed_rng)
+        state.resumed_rng = None
+    num_batches = len(run.data.train_loader)
+    bar = tqdm(
+        batches, total=num_batches, initial=totals.batches, desc=f"{progress} train", leave=False,
+        dynamic_ncols=True, disable=None if processes.is_main else True,
+        unit="img", unit_scale=cfg.data.batch_size * processes.world_size,
     )  # fmt: skip
-    resolved_config = OmegaConf.to_container(cfg, resolve=True)
-    writer = SummaryWriter(run_dir / "tb", purge_step=global_step or None) if processes.is_main else None
-    histogram_images = None
-    if writer is not None:
-        histogram_images = next(iter(data.val_loader))[0][:HISTOGRAM_IMAGES].to(device, memory_format=memory_format)
-        if resume_from is None:
-            add_image_grid(writer, next(iter(data.train_loader))[0].cpu())
-
-    def checkpoint_state(epoch_done: int, totals: EpochTotals | None) -> dict | None:
-        """Everything needed to continue: after `epoch_done` epochs and, inside the next one,
-        after the batches in `totals` (None at an epoch's end). Under torchrun every process
-        calls it, as it gathers each one's position and random state; rank 0 gets the state."""
-        cpu = torch.device("cpu")
-        positions = gather_object(processes, {
-            "epoch_progress": None if totals is None else vars(totals.to(cpu)),
-            "rng": rng_states(),
-        })  # fmt: skip
-        if positions is None:
-            return None
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": recipe.scaler.state_dict(),
-            **({"ema": recipe.ema.module.state_dict(), "ema_updates": int(recipe.ema.n_averaged)} if recipe.ema else {}),
-            "epoch": epoch_done,
-            **positions[0],  # epoch_progress and rng: rank 0's, or the only process's
-            "other_ranks": positions[1:],
-            "global_step": global_step,
-            "stale_epochs": stale_epochs,
-            "best": best,
-            "metrics": last_metrics,
-            "config": resolved_config,
-        }
-
-    stopped_early_at = None
-    num_batches = len(data.train_loader)
-    with stop_on_signals() as stop:
-        for epoch in range(first_epoch, trainer.epochs + 1):
-            progress = f"epoch {epoch}/{trainer.epochs}"
-            lr = optimizer.param_groups[0]["lr"]
-            data.set_epoch(cfg.seed, epoch)
-            totals = EpochTotals().to(device)
-            if resumed_totals is not None:  # continue the epoch after the batches done before the checkpoint
-                totals, resumed_totals = resumed_totals, None
-            batches = data.train_batches(start=totals.batches)
-            if resumed_rng is not None:
-                restore_rng_states(resumed_rng)
-                resumed_rng = None
-            bar = tqdm(
-                batches, total=num_batches, initial=totals.batches, desc=f"{progress} train", leave=False,
-                dynamic_ncols=True, disable=None if processes.is_main else True,
-                unit="img", unit_scale=cfg.data.batch_size * processes.world_size,
-            )  # fmt: skip
-            epoch_start, seen_before = time.perf_counter(), totals.seen
-            logged_at, logged_seen = epoch_start, seen_before
-            for loss in train_steps(train_model, recipe, optimizer, bar, num_batches, device, totals):
-                global_step += 1
-                at_log_step = global_step % trainer.log_every_n_steps == 0
-                if at_log_step:
-                    step_loss = loss.item()
-                    _check_finite(step_loss, f"{progress}, step {global_step}")
-                    step_lr = optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{step_lr:.3g}", refresh=False)
-                    if bar.disable:  # no terminal (SLURM, nohup): a log line instead of the bar
-                        now = time.perf_counter()
-                        speed = (totals.seen - logged_seen) * processes.world_size / (now - logged_at)
-                        log.info("%s step %d/%d  loss %.3f  lr %.3g  %.0f img/s", progress, totals.batches,
-                                 num_batches, step_loss, step_lr, speed)  # fmt: skip
-                        logged_at, logged_seen = now, totals.seen
-                    if writer is not None:
-                        writer.add_scalar("loss/train_step", step_loss, global_step)
-                        writer.add_scalar("lr/step", step_lr, global_step)
-                # Processes agree on stopping where they already synchronise: at logging steps.
-                stopping = stop.requested if not processes.distributed else (
-                    at_log_step and sum_across(processes, torch.tensor(float(stop.requested), device=device))[0].item() > 0
-                )  # fmt: skip
-                every_n = trainer.checkpoint_every_n_steps
-                if stopping or (every_n and global_step % every_n == 0):
-                    _check_finite(totals.loss_sum.item(), progress)
-                    state = checkpoint_state(epoch - 1, totals)
-                    if processes.is_main:
-                        save_checkpoint(state, checkpoint_dir / "last.pt")
-                if stopping:
-                    if writer is not None:
-                        writer.close()  # keep the per-step curves written since the last epoch
-                    raise RunStopped(
-                        stop.signal_name or "SIGTERM",
-                        f"Stopped by {stop.signal_name or 'another process'} at {progress}, step "
-                        f"{global_step}; saved {checkpoint_dir / 'last.pt'}. Continue with resume=auto "
-                        f"hydra.run.dir={run_dir}",
-                    )
-            bar.close()
-
-            loss_sum, correct, seen = sum_across(
-                processes, totals.loss_sum, totals.correct, torch.tensor(totals.seen, device=device)
-            )
-            _check_finite(loss_sum.item(), progress)
-            train_metrics = {
-                "loss": loss_sum.item() / seen.item(),
-                "top1": 100 * correct.item() / seen.item(),
-                "images_per_s": (totals.seen - seen_before) * processes.world_size / (time.perf_counter() - epoch_start),
-            }
-            broadcast_buffers(processes, model)
-            val_metrics = evaluate(model, val_criterion, data.val_loader, device, f"{progress} val", recipe, processes)
-            if recipe.ema is not None:
-                broadcast_buffers(processes, recipe.ema.module)
-                ema_metrics = evaluate(recipe.ema.module, val_criterion, data.val_loader, device, f"{progress} val EMA", recipe, processes)
-                val_metrics.update({f"ema_{key}": value for key, value in ema_metrics.items()})
-            if isinstance(scheduler, ReduceLROnPlateau):
-                scheduler.step(val_metrics["loss"])
-            else:
-                scheduler.step()
-
-            val_record = {f"val_{key}": value for key, value in val_metrics.items()}
-            last_metrics = {
-                "epoch": epoch,
-                "lr": lr,
-                **{f"train_{key}": value for key, value in train_metrics.items()},
-                **val_record,
-            }
-            is_best = val_metrics["top1"] > best["val_top1"]
-            if is_best:
-                best = {"epoch": epoch, **val_record}
-            stale_epochs = 0 if is_best else stale_epochs + 1
-            state = checkpoint_state(epoch, None)
+    epoch_start, seen_before = time.perf_counter(), totals.seen
+    logged = (epoch_start, seen_before)
+    for loss in train_steps(run.train_model, run.trainees.recipe, optimizer, bar, num_batches, device, totals):
+        state.global_step += 1
+        at_log_step = state.global_step % trainer.log_every_n_steps == 0
+        if at_log_step:
+            logged = _log_step(run, bar, progress, loss.item(), totals, num_batches, logged)
+        # Processes agree on stopping where they already synchronise: at logging steps.
+        stopping = at_log_step and _stop_requested(stop, processes, device) if processes.distributed else stop.requested
+        every_n = trainer.checkpoint_every_n_steps
+        if stopping or (every_n and state.global_step % every_n == 0):
+            _check_finite(totals.loss_sum.item(), progress)
+            checkpoint = run.checkpoint(totals)
             if processes.is_main:
-                for key, value in train_metrics.items():
-                    writer.add_scalar(f"{key}/train", value, epoch)
-                for key, value in val_metrics.items():  # EMA's as e.g. top1/val_ema, beside top1/val
-                    writer.add_scalar(f"{key.removeprefix('ema_')}/val{'_ema' * key.startswith('ema_')}", value, epoch)
-                writer.add_scalar("lr", lr, epoch)
-                add_excitation_histograms(writer, model, histogram_images, epoch)
-                writer.flush()
-                save_checkpoint(state, checkpoint_dir / "last.pt")
-                if is_best:
-                    save_checkpoint(state, checkpoint_dir / "best.pt")
-            log.info(
-                "%s  train loss %.3f top-1 %.1f%%  val loss %.3f top-1 %.1f%% top-5 %.1f%%%s  lr %.3g  %.0f img/s",
-                progress, train_metrics["loss"], train_metrics["top1"], val_metrics["loss"],
-                val_metrics["top1"], val_metrics["top5"],
-                f"  EMA top-1 {val_metrics['ema_top1']:.1f}%" if recipe.ema is not None else "",
-                lr, train_metrics["images_per_s"],
-            )  # fmt: skip
-            if trainer.early_stop_patience and stale_epochs >= trainer.early_stop_patience:
-                stopped_early_at = epoch
-                log.info(
-                    "Early stop: val top-1 has not improved for %d epochs (best %.2f%% at epoch %d).",
-                    stale_epochs, best["val_top1"], best["epoch"],
-                )  # fmt: skip
-                break
-            # A signal during validation or the checkpoint writes, which no training step saw: the
-            # epoch is saved, so stop before the next (after the last, cli.py stops once it is done).
-            if epoch < trainer.epochs and (stop.requested if not processes.distributed else (
-                sum_across(processes, torch.tensor(float(stop.requested), device=device))[0].item() > 0
-            )):  # fmt: skip
-                if writer is not None:
-                    writer.close()
-                raise RunStopped(
-                    stop.signal_name or "SIGTERM",
-                    f"Stopped by {stop.signal_name or 'another process'} after {progress}; saved "
-                    f"{checkpoint_dir / 'last.pt'}. Continue with resume=auto hydra.run.dir={run_dir}",
-                )
+                save_checkpoint(checkpoint, run.checkpoint_dir / "last.pt")
+        if stopping:
+            run.curves.close()  # keep the per-step curves written since the last epoch
+            raise RunStopped(
+                stop.signal_name or "SIGTERM",
+                f"Stopped by {stop.signal_name or 'another process'} at {progress}, step "
+                f"{state.global_step}; saved {run.checkpoint_dir / 'last.pt'}. Continue with resume=auto "
+                f"hydra.run.dir={run.run_dir}",
+            )
+    bar.close()
+    loss_sum, correct, seen = sum_across(processes, totals.loss_sum, totals.correct, torch.tensor(totals.seen, device=device))
+    _check_finite(loss_sum.item(), progress)
+    return {
+        "loss": loss_sum.item() / seen.item(),
+        "top1": 100 * correct.item() / seen.item(),
+        "images_per_s": (totals.seen - seen_before) * processes.world_size / (time.perf_counter() - epoch_start),
+    }
 
+
+def _log_step(run: Run, bar, progress: str, loss: float, totals: EpochTotals, num_batches: int, logged: tuple) -> tuple:
+    """The step's loss and lr on the bar and the curves, or in a log line without a terminal
+    (SLURM, nohup); returns the (time, images seen) the next line's images/s counts from."""
+    _check_finite(loss, f"{progress}, step {run.state.global_step}")
+    lr = run.trainees.optimizer.param_groups[0]["lr"]
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", refresh=False)
+    run.curves.step(run.state.global_step, loss, lr)
+    if not bar.disable:
+        return logged
+    now = time.perf_counter()
+    speed = (totals.seen - logged[1]) * run.processes.world_size / (now - logged[0])
+    log.info("%s step %d/%d  loss %.3f  lr %.3g  %.0f img/s", progress, totals.batches, num_batches, loss, lr, speed)
+    return now, totals.seen
+
+
+def _validate(run: Run, epoch: int) -> dict:
+    """Val loss, top-1, top-5 (and the EMA's, as ema_*), without label smoothing, comparable across runs."""
+    progress, recipe = f"epoch {epoch}/{run.cfg.trainer.epochs}", run.trainees.recipe
+    criterion = nn.CrossEntropyLoss()
+    broadcast_buffers(run.processes, run.trainees.model)
+    metrics = evaluate(run.trainees.model, criterion, run.data.val_loader, run.device, f"{progress} val", recipe, run.processes)
+    if recipe.ema is not None:
+        broadcast_buffers(run.processes, recipe.ema.module)
+        ema = evaluate(recipe.ema.module, criterion, run.data.val_loader, run.device, f"{progress} val EMA", recipe, run.processes)
+        metrics.update({f"ema_{key}": value for key, value in ema.items()})
+    return metrics
+
+
+def _end_epoch(run: Run, epoch: int, train_metrics: dict, val_metrics: dict) -> bool:
+    """Step the scheduler, record the epoch, write curves and checkpoints; True to stop early."""
+    trainer, state, scheduler = run.cfg.trainer, run.state, run.trainees.scheduler
+    lr = run.trainees.optimizer.param_groups[0]["lr"]  # the epoch's, before the scheduler steps
+    if isinstance(scheduler, ReduceLROnPlateau):
+        scheduler.step(val_metrics["loss"])
+    else:
+        scheduler.step()
+    val_record = {f"val_{key}": value for key, value in val_metrics.items()}
+    metrics = {"epoch": epoch, "lr": lr, **{f"train_{key}": value for key, value in train_metrics.items()}, **val_record}
+    is_best = state.end_epoch(epoch, metrics, val_record)
+    checkpoint = run.checkpoint(None)
+    run.curves.epoch(epoch, lr, train_metrics, val_metrics, run.trainees.model, run.gate_images)
+    if run.processes.is_main:
+        save_checkpoint(checkpoint, run.checkpoint_dir / "last.pt")
+        if is_best:
+            save_checkpoint(checkpoint, run.checkpoint_dir / "best.pt")
+    log.info(
+        "epoch %d/%d  train loss %.3f top-1 %.1f%%  val loss %.3f top-1 %.1f%% top-5 %.1f%%%s  lr %.3g  %.0f img/s",
+        epoch, trainer.epochs, train_metrics["loss"], train_metrics["top1"], val_metrics["loss"],
+        val_metrics["top1"], val_metrics["top5"],
+        f"  EMA top-1 {val_metrics['ema_top1']:.1f}%" if "ema_top1" in val_metrics else "",
+        lr, train_metrics["images_per_s"],
+    )  # fmt: skip
+    if trainer.early_stop_patience and state.stale_epochs >= trainer.early_stop_patience:
+        log.info(
+            "Early stop: val top-1 has not improved for %d epochs (best %.2f%% at epoch %d).",
+            state.stale_epochs, state.best["val_top1"], state.best["epoch"],
+        )  # fmt: skip
+        return True
+    return False
+
+
+def _stop_requested(stop, processes: Processes, device: torch.device) -> bool:
+    """Whether any process was asked to stop (a collective under torchrun: all must call it)."""
+    if not processes.distributed:
+        return stop.requested
+    return sum_across(processes, torch.tensor(float(stop.requested), device=device))[0].item() > 0
+
+
+def _finish(run: Run, precision: str, stopped_early_at: int | None, run_time: float) -> dict:
+    """results.json and the hyperparameters' curves; the results."""
+    cfg, state = run.cfg, run.state
     results = {
         "model": cfg.model.name,
         "data": cfg.data.name,
-        "num_classes": data.num_classes,
-        "params": num_params,
-        "epochs": trainer.epochs,
+        "num_classes": run.data.num_classes,
+        "params": run.num_params,
+        "epochs": cfg.trainer.epochs,
         "stopped_early_at": stopped_early_at,
-        "global_step": global_step,
-        "device": str(device),
-        "processes": processes.world_size,
+        "global_step": state.global_step,
+        "device": str(run.device),
+        "processes": run.processes.world_size,
         "precision": precision,
-        "final": last_metrics,
-        "best": best,
-        "run_time_s": round(time.perf_counter() - started, 2),
+        "final": state.metrics,
+        "best": state.best,
+        "run_time_s": round(run_time, 2),
     }
-    if processes.is_main:
-        _write_json(results, run_dir / "results.json")
-        add_hparams(writer, cfg, {
-            "best_val_top1": best["val_top1"], "final_val_top1": last_metrics["val_top1"],
-            "final_val_top5": last_metrics["val_top5"], "final_val_loss": last_metrics["val_loss"],
+    if run.processes.is_main:
+        _write_results(results, run.run_dir / "results.json")
+        run.curves.finish(cfg, {
+            "best_val_top1": state.best["val_top1"], "final_val_top1": state.metrics["val_top1"],
+            "final_val_top5": state.metrics["val_top5"], "final_val_loss": state.metrics["val_loss"],
         })  # fmt: skip
-        writer.close()
     log.info(
         "Done: val top-1 %.2f%% (best %.2f%% at epoch %d) in %.0f s. Run dir: %s",
-        last_metrics["val_top1"], best["val_top1"], best["epoch"], results["run_time_s"], run_dir,
+        state.metrics["val_top1"], state.best["val_top1"], state.best["epoch"], results["run_time_s"], run.run_dir,
     )  # fmt: skip
-    log.info("Curves: tensorboard --logdir %s  (or --logdir outputs to compare runs)", run_dir / "tb")
+    log.info("Curves: tensorboard --logdir %s  (or --logdir outputs to compare runs)", run.run_dir / "tb")
     return results
+
+
+def _write_results(results: dict, path: Path) -> None:
+    """Atomically, like checkpoints; a failed write (a full disk) is one sentence."""
+    try:
+        write_atomically(path, lambda file: file.write((json.dumps(results, indent=2) + "\n").encode()))
+    except OSError as error:
+        raise SetrainError(
+            f"Could not write {path} ({error.strerror or error}); the checkpoints are saved, so free "
+            f"space or make {path.parent} writable, then rerun with resume=auto hydra.run.dir={path.parent}."
+        ) from error
