@@ -87,7 +87,7 @@ def test_unknown_name_misspelt_key_and_wrong_type_are_one_line(tmp_path, overrid
         ("optimizer=lamb", "optimizer=lamb is not in configs/optimizer/; choose one of: adam, adamw, sgd."),
         ("scheduler=onecycle", "scheduler=onecycle is not in configs/scheduler/; choose one of: cosine, multistep, plateau, step."),
         ("experiment=ablation_gates", "experiment=ablation_gates is not in configs/experiment/; choose one of: ablation_gate, "),
-        ("model.se.ratio=4", "model.se.ratio is not a config key; the keys of model.se are: gate, placement, reduction, squeeze, stages."),
+        ("model.se.ratio=4", "model.se.ratio is not a config key; the keys of model.se are: fused, gate, placement, reduction, squeeze, stages."),
         ("seeds=1", "seeds is not a config key; the keys at the top level are: data, model, optimizer, resume, resume_force, scheduler, seed, trainer."),
         ("trainer.epochs=[", "Could not parse the override 'trainer.epochs=[' (no viable alternative at input '['); see "),
     ],
@@ -398,6 +398,37 @@ def test_a_run_dir_holding_a_run_is_only_continued_with_its_model_and_data(tmp_p
         "and data, or pass resume_force=true to continue it anyway.",
     )
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_refused_run_leaves_no_run_dir_and_what_was_there_as_it_was(tmp_path):
+    """Refused after Hydra wrote .hydra/ and train.log: the default run dir (outputs/<date>/<time>_*)
+    goes; in a dir that existed, only what the run added goes and .hydra/ is put back."""
+    refused = run_cli(*TINY, "data.batch_size=1000", cwd=tmp_path)
+    assert_user_error(refused, "fewer than one batch of 1000")
+    assert list(tmp_path.iterdir()) == []
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    refused = run_cli(*TINY, "model.se.reduction=-4", f"hydra.run.dir={mine}", cwd=tmp_path)
+    assert_user_error(refused, "SE reduction ratio r=-4 is invalid")
+    assert [path.name for path in mine.iterdir()] == ["notes.txt"]
+
+    run_dir = tmp_path / "run"
+    before = fake_run(run_dir, "optimizer.lr=0.5")
+    resumed = run_cli(*TINY, "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # last.pt is no checkpoint
+    assert_user_error(resumed, str(run_dir / "checkpoints" / "last.pt"))
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_refused_sweep_job_leaves_no_job_dir_and_the_others_run(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli("-m", *TINY, "trainer.epochs=1", "model.se.reduction=-4,8", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert_user_error(result, "SE reduction ratio r=-4 is invalid", "1 job(s) failed: 0")
+    assert not list(sweep_dir.glob("0_*"))
+    assert [path.name for path in sweep_dir.glob("1_*/results.json")] == ["results.json"]
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_config, tmp_path):
