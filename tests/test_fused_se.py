@@ -184,6 +184,24 @@ def test_ddp_reduces_the_fused_gradients(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+def test_fused_run_resumed_ends_identical_to_an_uninterrupted_one(tmp_path):
+    """Through the CLI: 2 epochs, against 1 epoch and a resume to 2, fused; bitwise the same weights
+    (a step schedule: the default cosine one depends on the number of epochs)."""
+    from conftest import TINY, run_cli  # hydra, imported here: this file runs without it on a GPU
+
+    from setrain.engine.checkpoint import load_checkpoint
+
+    fused = [*TINY, "model.se.fused=true", "scheduler=step"]
+    for run, epochs in (("whole", 2), ("split", 1), ("split", 2)):
+        resume = ["resume=auto"] if run == "split" and epochs == 2 else []
+        run_dir = f"hydra.run.dir={tmp_path / run}"
+        done = run_cli(*fused, f"trainer.epochs={epochs}", *resume, run_dir, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    whole, split = (load_checkpoint(tmp_path / run / "checkpoints/last.pt")["model"] for run in ("whole", "split"))
+    assert all(torch.equal(whole[key], split[key]) for key in whole)
+
+
 def test_options_refused_and_variants_that_fall_back(caplog):
     with pytest.raises(SetrainError, match="model.se.fused='yes'"):
         create_model("se_resnet20", fused="yes")
