@@ -256,3 +256,20 @@ def test_a_full_disk_when_writing_results_is_one_sentence(tiny_config, tmp_path,
     with pytest.raises(SetrainError, match="Could not write .*results.json \\(No space left on device\\); the checkpoints are saved"):
         train(tiny_config("trainer.epochs=1"), tmp_path)
     assert (tmp_path / "checkpoints" / "last.pt").is_file() and not list(tmp_path.glob("results.json*"))
+
+
+def test_a_best_checkpoint_that_could_not_be_written_is_written_on_resume(tiny_config, tmp_path, monkeypatch):
+    """The disk fills while best.pt is written: after resume=auto, best.pt is the epoch results.json names."""
+
+    def disk_full_for_the_first_best(state, path):
+        if path.name == "best.pt" and not path.exists():
+            raise SetrainError(f"The disk is full: could not write checkpoint {path}")
+        save_checkpoint(state, path)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", disk_full_for_the_first_best)
+    with pytest.raises(SetrainError, match="disk is full"):
+        train(tiny_config(), tmp_path)
+    monkeypatch.undo()
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()  # the epoch is redone on resume
+    results = train(tiny_config("resume=auto"), tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["epoch"] == results["best"]["epoch"] >= 1

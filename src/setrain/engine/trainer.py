@@ -354,10 +354,10 @@ def _end_epoch(run: Run, epoch: int, train_metrics: dict, val_metrics: dict) -> 
     is_best = state.end_epoch(epoch, metrics, val_record)
     checkpoint = run.checkpoint(None)
     run.curves.epoch(epoch, lr, train_metrics, val_metrics, run.trainees.model, run.gate_images)
-    if run.processes.is_main:
-        save_checkpoint(checkpoint, run.checkpoint_dir / "last.pt")
+    if run.processes.is_main:  # best.pt first: if it cannot be written, the resume redoes this epoch
         if is_best:
             save_checkpoint(checkpoint, run.checkpoint_dir / "best.pt")
+        save_checkpoint(checkpoint, run.checkpoint_dir / "last.pt")
     log.info(
         "epoch %d/%d  train loss %.3f top-1 %.1f%%  val loss %.3f top-1 %.1f%% top-5 %.1f%%%s  lr %.3g  %.0f img/s",
         epoch, trainer.epochs, train_metrics["loss"], train_metrics["top1"], val_metrics["loss"],
