@@ -1,10 +1,11 @@
 """Glue between the entry points (train.py, setrain.analyze, ...) and the engine: run dir, user errors.
 
 A user error (SetrainError, or a config that Hydra cannot compose, see config_checks.py) is
-printed as one sentence without a traceback; set HYDRA_FULL_ERROR=1 to see the full trace. In a
-multirun the failed job is reported and the sweep goes on; the process then exits non-zero. A
-multirun started again with the same `hydra.sweep.dir` skips the jobs that finished and resumes
-the others from their checkpoints.
+printed as one sentence without a traceback; set HYDRA_FULL_ERROR=1 to see the full trace. What a
+refused run made in its run dir is removed (rundir.undo_refused_run), so a mistake leaves no
+half-made dir behind. In a multirun the failed job is reported and the sweep goes on; the process
+then exits non-zero. A multirun started again with the same `hydra.sweep.dir` skips the jobs that
+finished and resumes the others from their checkpoints.
 
 SIGTERM or SIGINT at any moment of a training process (engine/signals.py) ends it with 128 + the
 signal's number once what was trained is saved: inside a job the trainer saves and stops; one
@@ -29,12 +30,21 @@ from omegaconf import DictConfig
 
 from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
 from setrain.engine import signals, train
-from setrain.engine.rundir import check_earlier_run, lock_run_dir
+from setrain.engine.rundir import (
+    RunDirBefore,
+    before_run,
+    check_earlier_run,
+    lock_run_dir,
+    new_run_dir,
+    undo_refused_run,
+)
 from setrain.engine.signals import RunStopped
 from setrain.errors import SetrainError
 
 log = logging.getLogger(__name__)
 failed_jobs: list[str] = []
+# What the run dir, or each job dir of a sweep (by name), held before Hydra wrote into it.
+run_dirs_before: dict[str, RunDirBefore] = {}
 # Read before `run` sets the variable for Hydra: whether the user asked for tracebacks.
 SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
@@ -77,6 +87,7 @@ class ClaimRunDir(Callback):
             check_values_before_run(config)
         if self.claims:
             run_dir = Path(config.hydra.run.dir).absolute()
+            run_dirs_before[""] = before_run(run_dir)
             with _exit_on_user_error():
                 self.run_lock = lock_run_dir(run_dir)
                 check_earlier_run(run_dir, config)
@@ -84,8 +95,11 @@ class ClaimRunDir(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         signals.record_stop_signals()
         if self.claims:
+            sweep_dir = Path(config.hydra.sweep.dir).absolute()
+            for job_dir in sweep_dir.iterdir() if sweep_dir.is_dir() else ():
+                run_dirs_before[job_dir.name] = before_run(job_dir)
             with _exit_on_user_error():
-                self.sweep_lock = lock_run_dir(Path(config.hydra.sweep.dir).absolute())
+                self.sweep_lock = lock_run_dir(sweep_dir)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if self.claims and config.hydra.mode == RunMode.MULTIRUN:
@@ -131,7 +145,11 @@ def run_training(cfg: DictConfig) -> float | None:
         sys.exit(stopped.exit_code)
     except SetrainError as error:
         report_user_error(error)
-        if hydra_cfg.mode != RunMode.MULTIRUN:
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 made the run dir (ClaimRunDir)
+            # A job dir that was not there when the sweep started was made by this job.
+            undo_refused_run(run_dirs_before.get(run_dir.name if multirun else "") or new_run_dir(run_dir))
+        if not multirun:
             sys.exit(1)
         failed_jobs.append(f"{hydra_cfg.job.num} ({run_dir})")
         return None

@@ -3,8 +3,11 @@ over an earlier run, and continued only with the model and dataset it was traine
 
 import errno
 import fcntl
+import logging
 import os
+import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +17,8 @@ from setrain.errors import SetrainError
 # Model keys that may change when a run is continued: where the weights came from, not what they
 # are, and how the fused SE tail computes the same function.
 CONTINUABLE_MODEL_KEYS = ("model.pretrained", "model.pretrained_format", "model.se.fused")
+# What a run leaves that another may continue or read: a dir holding one is never removed.
+RUN_RESULTS = ("checkpoints/last.pt", "checkpoints/best.pt", "results.json")
 
 
 def lock_run_dir(run_dir: Path) -> int:
@@ -93,3 +98,79 @@ def check_same_run(cfg: DictConfig, saved_config: Mapping, source: str) -> None:
             f"{source} was trained with {shown}{more}; resume with the same model and data, or pass "
             "resume_force=true to continue it anyway."
         )
+
+
+@dataclass
+class RunDirBefore:
+    """What a run dir held before this run's Hydra wrote into it (.hydra/, train.log), so that a
+    run refused after that can be undone (undo_refused_run)."""
+
+    run_dir: Path
+    paths: set[Path] | None  # every path inside it; None where it did not exist
+    hydra_files: dict[str, bytes]  # .hydra/*, which Hydra replaces
+    results: list[tuple | None]  # RUN_RESULTS as (inode, mtime, size): a changed one was saved by this run
+    made_from: Path  # the highest folder this run creates: the run dir or one above it
+
+
+def before_run(run_dir: Path) -> RunDirBefore:
+    made_from = run_dir
+    while not made_from.parent.exists():
+        made_from = made_from.parent
+    exists = run_dir.is_dir()
+    hydra = run_dir / ".hydra"
+    return RunDirBefore(
+        run_dir,
+        set(run_dir.rglob("*")) if exists else None,
+        {file.name: file.read_bytes() for file in hydra.iterdir() if file.is_file()} if hydra.is_dir() else {},
+        _results(run_dir),
+        made_from,
+    )
+
+
+def new_run_dir(run_dir: Path) -> RunDirBefore:
+    """A run dir that did not exist before this run (a sweep's job dir made during the sweep)."""
+    return RunDirBefore(run_dir, None, {}, [None] * len(RUN_RESULTS), run_dir)
+
+
+def _results(run_dir: Path) -> list[tuple | None]:
+    stamps = []
+    for name in RUN_RESULTS:
+        try:
+            found = (run_dir / name).stat()
+            stamps.append((found.st_ino, found.st_mtime_ns, found.st_size))
+        except OSError:
+            stamps.append(None)
+    return stamps
+
+
+def undo_refused_run(before: RunDirBefore) -> None:
+    """Remove what a refused run made in its run dir and put back the .hydra/ files it replaced,
+    so a mistake leaves no half-made run dir behind; a checkpoint or results.json this run saved
+    before it was refused is kept, with everything else (it continues with resume=auto).
+    Best effort: a file that cannot be removed stays."""
+    run_dir = before.run_dir
+    if _results(run_dir) != before.results:
+        return
+    for handler in list(logging.getLogger().handlers):  # Hydra's train.log, open in the run dir
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(run_dir):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    try:
+        if before.paths is None:
+            shutil.rmtree(run_dir)
+            for folder in run_dir.parents:  # the empty folders made for it (outputs/<date>/)
+                if not folder.is_relative_to(before.made_from):
+                    break
+                folder.rmdir()
+            return
+        for path in sorted(set(run_dir.rglob("*")) - before.paths, reverse=True):  # files before their folders
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        if before.hydra_files:
+            (run_dir / ".hydra").mkdir(exist_ok=True)
+            for name, content in before.hydra_files.items():
+                (run_dir / ".hydra" / name).write_bytes(content)
+    except OSError:
+        pass
