@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from conftest import REPO_ROOT, TINY, assert_user_error, compose_config, run_cli
-from formats import write_cifar10, write_cifar100, write_image_folder, write_stl10
+from setrain.testing import write_cifar10, write_cifar100, write_image_folder, write_stl10
 from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
 from setrain.data import build_data
 from setrain.engine import train
@@ -417,6 +417,8 @@ def test_a_refused_run_leaves_no_run_dir_and_what_was_there_as_it_was(tmp_path):
 
     run_dir = tmp_path / "run"
     before = fake_run(run_dir, "optimizer.lr=0.5")
+    (run_dir / "train.log").write_text("the earlier run's log\n")
+    before[run_dir / "train.log"] = b"the earlier run's log\n"
     resumed = run_cli(*TINY, "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # last.pt is no checkpoint
     assert_user_error(resumed, str(run_dir / "checkpoints" / "last.pt"))
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before

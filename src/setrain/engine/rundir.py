@@ -108,6 +108,7 @@ class RunDirBefore:
     run_dir: Path
     paths: set[Path] | None  # every path inside it; None where it did not exist
     hydra_files: dict[str, bytes]  # .hydra/*, which Hydra replaces
+    log_sizes: dict[str, int]  # Hydra's <job>.log (train.log), which it appends to
     results: list[tuple | None]  # RUN_RESULTS as (inode, mtime, size): a changed one was saved by this run
     made_from: Path  # the highest folder this run creates: the run dir or one above it
 
@@ -122,6 +123,7 @@ def before_run(run_dir: Path) -> RunDirBefore:
         run_dir,
         set(run_dir.rglob("*")) if exists else None,
         {file.name: file.read_bytes() for file in hydra.iterdir() if file.is_file()} if hydra.is_dir() else {},
+        {log.name: log.stat().st_size for log in run_dir.glob("*.log")} if exists else {},
         _results(run_dir),
         made_from,
     )
@@ -129,7 +131,7 @@ def before_run(run_dir: Path) -> RunDirBefore:
 
 def new_run_dir(run_dir: Path) -> RunDirBefore:
     """A run dir that did not exist before this run (a sweep's job dir made during the sweep)."""
-    return RunDirBefore(run_dir, None, {}, [None] * len(RUN_RESULTS), run_dir)
+    return RunDirBefore(run_dir, None, {}, {}, [None] * len(RUN_RESULTS), run_dir)
 
 
 def _results(run_dir: Path) -> list[tuple | None]:
@@ -144,10 +146,10 @@ def _results(run_dir: Path) -> list[tuple | None]:
 
 
 def undo_refused_run(before: RunDirBefore) -> None:
-    """Remove what a refused run made in its run dir and put back the .hydra/ files it replaced,
-    so a mistake leaves no half-made run dir behind; a checkpoint or results.json this run saved
-    before it was refused is kept, with everything else (it continues with resume=auto).
-    Best effort: a file that cannot be removed stays."""
+    """Remove what a refused run made in its run dir, put back the .hydra/ files it replaced and
+    cut its lines from the log it appended to, so a mistake leaves no half-made run dir behind. A
+    checkpoint or results.json this run saved before it was refused is kept, with everything else
+    (it continues with resume=auto). Best effort: a file that cannot be removed stays."""
     run_dir = before.run_dir
     if _results(run_dir) != before.results:
         return
@@ -172,5 +174,7 @@ def undo_refused_run(before: RunDirBefore) -> None:
             (run_dir / ".hydra").mkdir(exist_ok=True)
             for name, content in before.hydra_files.items():
                 (run_dir / ".hydra" / name).write_bytes(content)
+        for name, size in before.log_sizes.items():
+            os.truncate(run_dir / name, size)
     except OSError:
         pass
