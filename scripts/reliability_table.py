@@ -45,6 +45,8 @@ class Case:
     hidden: list[str] = field(default_factory=list)  # run with these too, not shown
     env: dict[str, str] = field(default_factory=dict)
     program: str = "train.py"
+    left: bool = False  # also say what the command left in the folder (files new or changed since the setup)
+    runner: Callable[[Path, "Case"], subprocess.CompletedProcess] | None = None  # instead of `cli`
 
 
 def cli(root: Path, *args: str, env: dict | None = None, program="train.py") -> subprocess.CompletedProcess:
@@ -184,10 +186,13 @@ CASES = {
         Case("run directory that cannot be made", ["hydra.run.dir=notes.txt/run"], "test_reliability.py::test_run_dir_that_cannot_be_made_is_one_line", setup=lambda root: (root / "notes.txt").write_text("a file")),
         Case("new run in a run directory that holds a run", ["hydra.run.dir=run"], "test_reliability.py::test_a_run_dir_holding_a_run_is_only_continued_with_its_model_and_data", setup=trained(*TINY), hidden=TINY),
         Case("resume in it with another model", ["model=resnet20", "resume=auto", "hydra.run.dir=run"], "test_reliability.py::test_a_run_dir_holding_a_run_is_only_continued_with_its_model_and_data", setup=trained(*TINY), hidden=TINY),
+        Case("refused run in the default run dir (`outputs/<date>/<time>_*`)", ["data.batch_size=1000"], "test_reliability.py::test_a_refused_run_leaves_no_run_dir_and_what_was_there_as_it_was", hidden=TINY, left=True),
+        Case("refused resume of a run in its run dir", ["resume=auto", "data.batch_size=1000", "hydra.run.dir=run"], "test_reliability.py::test_a_refused_run_leaves_no_run_dir_and_what_was_there_as_it_was", setup=trained(*TINY), hidden=TINY, left=True),
         Case("disk full while writing a checkpoint", ["resume=auto", "trainer.epochs=3", "hydra.run.dir=run"], "test_reliability.py::test_disk_full_while_saving_keeps_the_previous_checkpoint", setup=then(trained(*TINY), lambda root: (root / "run/checkpoints/last.pt.tmp").symlink_to("/dev/full")), hidden=TINY),
     ],
     "Runs": [
         Case("second run in a run directory in use", ["resume=auto", "hydra.run.dir=run"], "test_reliability.py::test_a_second_run_in_the_same_dir_is_refused_and_a_killed_run_leaves_no_lock", hidden=TINY),
+        Case("SIGTERM while a sweep's first job validates (the sweep stops; the same command continues it)", ["-m", "model.se.reduction=8,16", "hydra.sweep.dir=sweep"], "test_fault_tolerance.py::test_a_signal_no_training_step_sees_stops_the_sweep_after_saving_and_the_sweep_continues", hidden=[*TINY, "data.train_size=128", "data.val_size=512", "trainer.checkpoint_every_n_steps=1"], runner=lambda root, case: signal_while_a_job_validates(root, case)),
         Case("loss that diverges", ["optimizer.lr=1e30"], "test_fault_tolerance.py::test_diverging_run_stops_with_one_sentence_and_writes_no_checkpoint", hidden=TINY),
         Case("sweep report of a single run's directory", ["run"], "test_sweep_report.py::test_a_single_run_dir_is_refused_in_one_line", setup=trained(*TINY), program="scripts/sweep_report.py"),
         Case("`HYDRA_FULL_ERROR=1`: the traceback instead of the sentence", ["model.se.reduction=32"], "test_reliability.py::test_hydra_full_error_shows_the_traceback", env={"HYDRA_FULL_ERROR": "1"}),
@@ -208,6 +213,39 @@ def second_run_while_first_trains(root: Path, case: Case) -> subprocess.Complete
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+
+
+def signal_while_a_job_validates(root: Path, case: Case) -> subprocess.CompletedProcess:
+    """SIGTERM once the sweep's first job saved its 8th step, the last of epoch 1: it validates.
+    The sweep's answer is logged on stdout; it is returned as the stderr the table shows."""
+    from setrain.engine.checkpoint import load_checkpoint
+
+    command = [sys.executable, str(REPO_ROOT / "train.py"), *case.args, "trainer.device=cpu", *case.hidden]  # -m first
+    sweep = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not any(load_checkpoint(path)["global_step"] >= 8 for path in root.glob("sweep/0_*/checkpoints/last.pt")):
+        assert sweep.poll() is None
+        time.sleep(0.02)
+    sweep.send_signal(signal.SIGTERM)
+    stdout, _ = sweep.communicate()
+    said = [line.split(" - ", 1)[-1] for line in stdout.splitlines() if "Stopped by" in line or "Run the same" in line]
+    return subprocess.CompletedProcess(command, sweep.returncode, stdout, "\n".join(said))
+
+
+def files(root: Path) -> dict[Path, bytes]:
+    return {path.relative_to(root): path.read_bytes() if path.is_file() else b"" for path in root.rglob("*")}
+
+
+def left_behind(root: Path, before: dict[Path, bytes]) -> str:
+    """The files and folders a command added or changed under `root`, in a few words."""
+    after = files(root)
+    new = sorted(str(path) for path in after if path not in before)
+    changed = sorted(str(path) for path in after if path in before and after[path] != before[path])
+    said = []
+    if new:
+        said.append(f"new {', '.join(new[:3])}" + (" ..." if len(new) > 3 else ""))
+    if changed:
+        said.append(f"changed {', '.join(changed)}")
+    return "; ".join(said) or "nothing"
 
 
 def seen(result: subprocess.CompletedProcess, root: Path) -> str:
@@ -250,11 +288,16 @@ def main() -> None:
                 root = Path(folder).resolve()
                 if case.setup:
                     case.setup(root)
+                before = files(root) if case.left else {}
                 if case.test.endswith("a_killed_run_leaves_no_lock"):
                     result = second_run_while_first_trains(root, case)
+                elif case.runner:
+                    result = case.runner(root, case)
                 else:
                     result = cli(root, *case.hidden, *case.args, env=case.env, program=case.program)
                 message = seen(result, root)
+                if case.left:
+                    message += f" Left in the folder: {left_behind(root, before)}."
                 if "code_ran" in case.what:
                     assert not (root / "code_ran").exists()
             env = "".join(f"{key}={value} " for key, value in case.env.items())

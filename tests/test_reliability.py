@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from conftest import REPO_ROOT, TINY, assert_user_error, compose_config, run_cli
-from setrain.testing import write_cifar10, write_cifar100, write_image_folder, write_stl10
+from formats import write_cifar10, write_cifar100, write_image_folder, write_stl10
 from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
 from setrain.data import build_data
 from setrain.engine import train
