@@ -1,6 +1,7 @@
 """The engine in-process on tiny shapes runs: checkpoints, determinism, errors a user can cause."""
 
 import errno
+import math
 import json
 import pickle
 
@@ -13,7 +14,7 @@ from setrain.engine.loop import topk_correct
 from setrain.errors import SetrainError
 
 from conftest import compose_config
-from formats import write_cifar10
+from setrain.testing import write_cifar10
 
 
 def test_topk_counts_targets_among_the_highest_logits():
@@ -273,3 +274,14 @@ def test_a_best_checkpoint_that_could_not_be_written_is_written_on_resume(tiny_c
     assert not (tmp_path / "checkpoints" / "last.pt").exists()  # the epoch is redone on resume
     results = train(tiny_config("resume=auto"), tmp_path)
     assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["epoch"] == results["best"]["epoch"] >= 1
+
+
+def test_resume_follows_a_changed_plan_and_refuses_fewer_epochs_than_done(tiny_config, tmp_path):
+    """A longer run or a new lr on resume: the lr of its last epoch is that of a run started with
+    those settings (a cosine of 2 epochs stretched to 4), not the old period's."""
+    train(tiny_config("trainer.epochs=2"), tmp_path / "split")
+    resumed = train(tiny_config("trainer.epochs=4", "optimizer.lr=0.2", "resume=auto"), tmp_path / "split")
+    whole = train(tiny_config("trainer.epochs=4", "optimizer.lr=0.2"), tmp_path / "whole")
+    assert resumed["final"]["lr"] == whole["final"]["lr"] == pytest.approx(0.2 * (1 + math.cos(math.pi * 3 / 4)) / 2)
+    with pytest.raises(SetrainError, match="has trained 4 epochs, more than trainer.epochs=3"):
+        train(tiny_config("trainer.epochs=3", "optimizer.lr=0.2", "resume=auto"), tmp_path / "split")

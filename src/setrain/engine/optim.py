@@ -5,6 +5,8 @@ the few setrain options below, which change how the object is built rather than 
 Add an optimizer or scheduler with one YAML file.
 """
 
+import warnings
+
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -75,3 +77,18 @@ def build_scheduler(node: DictConfig, optimizer: Optimizer, epochs: int) -> LRSc
         optimizer, start_factor=own.get("warmup_start_factor", 0.1), total_iters=warmup_epochs
     )
     return SequentialLR(optimizer, [warmup, scheduler], milestones=[warmup_epochs])
+
+
+def continue_schedule(node: DictConfig, optimizer: Optimizer, epochs: int, epochs_done: int, base_lrs: list[float]):
+    """The schedule of the current settings, advanced past `epochs_done` epochs: a resumed run
+    whose learning rate, scheduler or length changed follows the new plan from where it stands
+    (a plateau scheduler starts its patience afresh at the new rate)."""
+    for group, lr in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = group["initial_lr"] = lr
+    scheduler = build_scheduler(node, optimizer, epochs)
+    if not isinstance(scheduler, ReduceLROnPlateau):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # stepped without optimizer steps, on purpose
+            for _ in range(epochs_done):
+                scheduler.step()
+    return scheduler

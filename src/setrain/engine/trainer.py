@@ -35,7 +35,7 @@ from setrain.engine.distributed import (
     sum_across,
 )
 from setrain.engine.loop import EpochTotals, Recipe, evaluate, train_steps
-from setrain.engine.optim import build_optimizer, build_scheduler
+from setrain.engine.optim import build_optimizer, build_scheduler, continue_schedule
 from setrain.engine.rundir import check_same_run
 from setrain.engine.runtime import (
     PRECISIONS,
@@ -234,9 +234,31 @@ def _build_trainees(cfg: DictConfig, data: DataBundle, device: torch.device, pro
 
 
 def _resume(cfg: DictConfig, trainees: Trainees, path: Path, processes: Processes, device: torch.device) -> RunState:
+    """Continue from a checkpoint. The learning-rate plan follows the current settings: a changed
+    optimizer.lr (or batch scaling), scheduler.* or a longer trainer.epochs rebuilds the schedule
+    and advances it to the epoch reached; fewer epochs than done is refused."""
     checkpoint = load_checkpoint(path)
     check_same_run(cfg, checkpoint["config"], f"Checkpoint {path}")
+    base_lrs = [group.get("initial_lr", group["lr"]) for group in trainees.optimizer.param_groups]
     state = restore(trainees, checkpoint, path, processes, device)
+    epochs, saved = cfg.trainer.epochs, checkpoint["config"]
+    if epochs < state.epoch:
+        raise SetrainError(
+            f"Checkpoint {path} has trained {state.epoch} epochs, more than trainer.epochs={epochs}; resume "
+            f"with trainer.epochs={state.epoch} or more (more extends the schedule), or start a new run."
+        )
+    saved_lrs = [group.get("initial_lr", group["lr"]) for group in checkpoint["optimizer"]["param_groups"]]
+    changed = [
+        *([f"trainer.epochs {saved['trainer']['epochs']} -> {epochs}"] if saved["trainer"]["epochs"] != epochs else []),
+        *([f"lr {saved_lrs[0]:.4g} -> {base_lrs[0]:.4g}"] if saved_lrs != base_lrs else []),
+        *(["scheduler.*"] if OmegaConf.to_container(cfg.scheduler, resolve=True) != saved["scheduler"] else []),
+    ]
+    if changed:
+        trainees.scheduler = continue_schedule(cfg.scheduler, trainees.optimizer, epochs, state.epoch, base_lrs)
+        log.info(
+            "Resuming with a changed plan (%s): the learning rate follows it from epoch %d, at %.4g.",
+            ", ".join(changed), state.epoch + 1, trainees.optimizer.param_groups[0]["lr"],
+        )  # fmt: skip
     inside = state.resumed_totals
     log.info(
         "Resumed from %s after epoch %d%s", path, state.epoch,
