@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_check.sh                 # needs torch, torchvision, timm, tensorboard, tqdm
 #   DEPS=/path/to/hydra_omegaconf_antlr4 bash scripts/gpu_check.sh   # where hydra-core is not installed
-#   DEVICE=cpu TINY=--tiny bash scripts/gpu_check.sh                  # the dry run, on a CPU
+#   PATH=.venv/bin:$PATH DEVICE=cpu TINY=--tiny bash scripts/gpu_check.sh   # the dry run, on a CPU
 #
 # The machine needs hydra-core, omegaconf and antlr4 importable: DEPS names a folder holding the
 # three packages, copied from a venv's site-packages (they are pure Python).
@@ -21,9 +21,9 @@ python -c "import torch, torchvision, hydra; print('torch', torch.__version__, '
 
 if [ "$PART" != fused ]; then
   echo "## bench_pipeline ($DEVICE)"
-  timeout 330 python -W ignore scripts/bench_pipeline.py --device "$DEVICE" $TINY
+  timeout 280 python -W ignore scripts/bench_pipeline.py --device "$DEVICE" $TINY || echo "bench_pipeline exited $?"
 fi
 if [ "$PART" != pipeline ]; then
   echo "## bench_train fused SE ($DEVICE)"
-  timeout 240 python -W ignore scripts/bench_train.py --gpu-check --device "$DEVICE" $TINY || echo "bench_train --gpu-check exited $?"
+  timeout 190 python -W ignore scripts/bench_train.py --fused-check --device "$DEVICE" ${TINY:+--batch-size 4 --size 64 --rounds 1 --steps 1} || echo "bench_train --fused-check exited $?"
 fi
