@@ -1,5 +1,6 @@
 """What TensorBoard shows: the run's curves (RunCurves), hyperparameters, SE gates, sample images."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -8,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
+from setrain.errors import SetrainError
 from setrain.models.se import se_blocks, stage_of
 
 IMAGES_IN_GRID = 32
@@ -70,37 +72,57 @@ def add_image_grid(writer: SummaryWriter, images: Tensor) -> None:
 
 class RunCurves:
     """The run's TensorBoard curves, in one place: rank 0 writes them, other processes call the
-    same methods and nothing happens."""
+    same methods and nothing happens. A write that fails (a full disk, a read-only dir) stops the
+    run with one sentence; the checkpoints written so far stay."""
 
     def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None):
-        self.writer = SummaryWriter(log_dir, purge_step=purge_step) if enabled else None
+        self.log_dir, self.writer = log_dir, None
+        if enabled:
+            with self._writing():
+                self.writer = SummaryWriter(log_dir, purge_step=purge_step)
+
+    @contextmanager
+    def _writing(self):
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            self.writer = None  # closing it would raise again
+            raise SetrainError(
+                f"Could not write the TensorBoard curves in {self.log_dir} ({getattr(error, 'strerror', None) or error}); "
+                f"free space or make it writable, then continue with resume=auto hydra.run.dir={self.log_dir.parent}."
+            ) from error
 
     def sample_images(self, images: Tensor) -> None:
         if self.writer is not None:
-            add_image_grid(self.writer, images)
+            with self._writing():
+                add_image_grid(self.writer, images)
 
     def step(self, step: int, loss: float, lr: float) -> None:
         if self.writer is not None:
-            self.writer.add_scalar("loss/train_step", loss, step)
-            self.writer.add_scalar("lr/step", lr, step)
+            with self._writing():
+                self.writer.add_scalar("loss/train_step", loss, step)
+                self.writer.add_scalar("lr/step", lr, step)
 
     def epoch(self, epoch: int, lr: float, train: dict, val: dict, model: nn.Module, gate_images: Tensor) -> None:
         """Train and val metrics (the EMA's as e.g. top1/val_ema, beside top1/val), lr, SE gates."""
         if self.writer is None:
             return
-        for key, value in train.items():
-            self.writer.add_scalar(f"{key}/train", value, epoch)
-        for key, value in val.items():
-            self.writer.add_scalar(f"{key.removeprefix('ema_')}/val{'_ema' * key.startswith('ema_')}", value, epoch)
-        self.writer.add_scalar("lr", lr, epoch)
-        add_excitation_histograms(self.writer, model, gate_images, epoch)
-        self.writer.flush()
+        with self._writing():
+            for key, value in train.items():
+                self.writer.add_scalar(f"{key}/train", value, epoch)
+            for key, value in val.items():
+                self.writer.add_scalar(f"{key.removeprefix('ema_')}/val{'_ema' * key.startswith('ema_')}", value, epoch)
+            self.writer.add_scalar("lr", lr, epoch)
+            add_excitation_histograms(self.writer, model, gate_images, epoch)
+            self.writer.flush()
 
     def finish(self, cfg: DictConfig, metrics: dict[str, float]) -> None:
         if self.writer is not None:
-            add_hparams(self.writer, cfg, metrics)
+            with self._writing():
+                add_hparams(self.writer, cfg, metrics)
         self.close()
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with self._writing():
+                self.writer.close()

@@ -375,11 +375,11 @@ def _end_epoch(run: Run, epoch: int, train_metrics: dict, val_metrics: dict) -> 
     metrics = {"epoch": epoch, "lr": lr, **{f"train_{key}": value for key, value in train_metrics.items()}, **val_record}
     is_best = state.end_epoch(epoch, metrics, val_record)
     checkpoint = run.checkpoint(None)
-    run.curves.epoch(epoch, lr, train_metrics, val_metrics, run.trainees.model, run.gate_images)
     if run.processes.is_main:  # best.pt first: if it cannot be written, the resume redoes this epoch
         if is_best:
             save_checkpoint(checkpoint, run.checkpoint_dir / "best.pt")
         save_checkpoint(checkpoint, run.checkpoint_dir / "last.pt")
+    run.curves.epoch(epoch, lr, train_metrics, val_metrics, run.trainees.model, run.gate_images)
     log.info(
         "epoch %d/%d  train loss %.3f top-1 %.1f%%  val loss %.3f top-1 %.1f%% top-5 %.1f%%%s  lr %.3g  %.0f img/s",
         epoch, trainer.epochs, train_metrics["loss"], train_metrics["top1"], val_metrics["loss"],
