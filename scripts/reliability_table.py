@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 from formats import write_cifar10, write_image_folder, write_stl10  # noqa: E402
 
 DOCS = REPO_ROOT / "docs" / "reliability.md"
-# Small enough that the runs a case needs first take seconds; not shown in the table.
-TINY = ["data.train_size=64", "data.val_size=32", "data.image_size=16", "data.batch_size=16", "trainer.epochs=2"]
+# Small enough that the runs a case needs first take seconds (configs/debug/tiny.yaml); not shown in the table.
+TINY = ["debug=tiny"]
 FOLDER = ["data=folder", "data.image_size=16", "data.val_fraction=0.25", "data.batch_size=4", "data.num_workers=0"]
 
 

@@ -14,15 +14,8 @@ from setrain.models import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# A run small enough for 2 CPU cores: 64 shapes images of 16 px, 2 epochs.
-TINY = [
-    "data.train_size=64",
-    "data.val_size=32",
-    "data.image_size=16",
-    "data.batch_size=16",
-    "trainer.epochs=2",
-    "trainer.device=cpu",
-]
+# A run small enough for 2 CPU cores (configs/debug/tiny.yaml): 64 shapes images of 16 px, 2 epochs.
+TINY = ["debug=tiny"]
 
 
 def compose_config(*overrides: str, config_name: str = "train"):

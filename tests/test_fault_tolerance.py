@@ -23,10 +23,7 @@ from setrain.models import build_model
 pytestmark = pytest.mark.slow
 
 # 64 steps over 2 epochs, a checkpoint after each: long enough to be interrupted on purpose.
-LONG = [
-    "data.train_size=512", "data.val_size=32", "data.image_size=16", "data.batch_size=16",
-    "trainer.epochs=2", "trainer.device=cpu", "trainer.checkpoint_every_n_steps=1",
-]  # fmt: skip
+LONG = ["debug=tiny", "data.train_size=512", "trainer.checkpoint_every_n_steps=1"]
 
 
 def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
@@ -145,10 +142,9 @@ def test_diverging_run_stops_with_one_sentence_and_writes_no_checkpoint(tmp_path
 
 def test_ddp_with_gloo_on_two_processes_counts_every_validation_image_once(tmp_path):
     run_dir = tmp_path / "run"
-    tiny = ["data.train_size=64", "data.val_size=30", "data.image_size=16", "data.batch_size=8", "trainer.device=cpu"]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(REPO_ROOT / "train.py"), *tiny, "trainer.epochs=2", f"hydra.run.dir={run_dir}",
+        str(REPO_ROOT / "train.py"), "debug=tiny", "data.val_size=30", "data.batch_size=8", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -183,8 +179,8 @@ def test_ddp_run_killed_with_sigkill_resumes_each_process_to_identical_weights(t
     """MixUp draws from each process's own random stream (seeded by rank): the resumed run matches
     only if every process gets its own state back, not rank 0's."""
     ddp = [
-        "data.train_size=512", "data.val_size=16", "data.image_size=16", "data.batch_size=8", "trainer.epochs=2",
-        "trainer.device=cpu", "trainer.mixup_alpha=0.4", "trainer.checkpoint_every_n_steps=1",
+        "debug=tiny", "data.train_size=512", "data.val_size=16", "data.batch_size=8", "trainer.mixup_alpha=0.4",
+        "trainer.checkpoint_every_n_steps=1",
     ]  # fmt: skip
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
     uninterrupted = torchrun(*ddp, f"hydra.run.dir={reference}", cwd=tmp_path)
