@@ -4,7 +4,7 @@
     python scripts/bench_data.py --no-write   # print the table only
 
 Each dataset is written in its real on-disk format into a temporary folder (the writers of
-tests/formats.py; ImageNet-sized JPEGs for the imagenet recipe) and read through build_data,
+setrain.testing; ImageNet-sized JPEGs for the imagenet recipe) and read through build_data,
 the code training runs. Training throughput is forward + backward + SGD step of the model the
 recipe trains, on random inputs of the same size, on this machine. The table replaces the
 "## Data loading" section of docs/benchmarks.md and leaves any other section as it is.
@@ -14,7 +14,6 @@ import argparse
 import os
 import platform
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,13 +23,11 @@ import torch
 import torchvision
 from PIL import Image
 
+from setrain.data import build_data
+from setrain.models import create_model
+from setrain.testing import write_cifar10, write_stl10
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from formats import write_cifar10, write_stl10  # noqa: E402
-
-from setrain.data import build_data  # noqa: E402
-from setrain.models import create_model  # noqa: E402
 
 WORKERS = (0, 1, 2)
 TARGET = 2.0

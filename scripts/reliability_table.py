@@ -26,9 +26,9 @@ from typing import Callable
 
 import torch
 
+from setrain.testing import write_cifar10, write_image_folder, write_stl10
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-from formats import write_cifar10, write_image_folder, write_stl10  # noqa: E402
 
 DOCS = REPO_ROOT / "docs" / "reliability.md"
 # Small enough that the runs a case needs first take seconds (configs/debug/tiny.yaml); not shown in the table.

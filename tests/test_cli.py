@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import TINY, assert_user_error, run_cli
-from formats import write_cifar10, write_cifar100, write_image_folder, write_imagenet, write_stl10
+from setrain.testing import write_cifar10, write_cifar100, write_image_folder, write_imagenet, write_stl10
 
 pytestmark = pytest.mark.slow
 

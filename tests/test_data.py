@@ -9,8 +9,7 @@ from setrain.data.folders import load_rgb
 from setrain.data.shapes import CLASSES, build_shapes, make_shapes
 from setrain.data.transforms import AUGMENTATIONS
 from setrain.errors import SetrainError
-
-from formats import (
+from setrain.testing import (
     IMAGENET_WNIDS,
     write_cifar10,
     write_cifar100,

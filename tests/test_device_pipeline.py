@@ -11,13 +11,13 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from conftest import assert_user_error, compose_config, run_cli
-from formats import write_cifar10, write_image, write_image_folder
 from setrain.data import build_data
 from setrain.data.on_device import BatchTransform, crop_boxes, epoch_order, random_resized_crop
 from setrain.data.transforms import build_transforms, resize_centre_crop
 from setrain.engine.checkpoint import load_checkpoint
 from setrain.engine.trainer import train
 from setrain.errors import SetrainError
+from setrain.testing import write_cifar10, write_image, write_image_folder
 from test_engine import resume_mid_epoch_and_compare
 
 CPU = torch.device("cpu")

@@ -12,9 +12,9 @@ from setrain.engine import train, trainer
 from setrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from setrain.engine.loop import topk_correct
 from setrain.errors import SetrainError
+from setrain.testing import write_cifar10
 
 from conftest import compose_config
-from setrain.testing import write_cifar10
 
 
 def test_topk_counts_targets_among_the_highest_logits():

@@ -20,7 +20,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from conftest import REPO_ROOT, TINY, assert_user_error, compose_config, run_cli
-from formats import write_cifar10, write_cifar100, write_image_folder, write_stl10
 from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
 from setrain.data import build_data
 from setrain.engine import train
@@ -28,6 +27,7 @@ from setrain.engine.checkpoint import load_checkpoint, load_model_state
 from setrain.engine.rundir import lock_run_dir
 from setrain.errors import SetrainError
 from setrain.models import create_model
+from setrain.testing import write_cifar10, write_cifar100, write_image_folder, write_stl10
 
 CPU = torch.device("cpu")
 MODELS = ", ".join(sorted(path.stem for path in (REPO_ROOT / "configs" / "model").glob("*.yaml")))

@@ -1,4 +1,7 @@
-"""Writers of tiny datasets in the official on-disk formats, so tests load them as users' files."""
+"""Writers of small datasets in the official on-disk formats: the tests load them through the code
+users run, and the scripts time loaders on them (bench_data.py) or break them on purpose
+(reliability_table.py). In the package, as numpy.testing is, so that tests and scripts import it
+alike and neither imports the other; nothing in setrain itself imports it."""
 
 import pickle
 from pathlib import Path
