@@ -98,3 +98,12 @@ def test_evaluate_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, content, me
     result = run_module("setrain.evaluate", f"checkpoint={checkpoint}", cwd=tmp_path)
     assert_user_error(result, "setrain: error: Checkpoint", message)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_output_that_cannot_be_written_is_one_sentence_and_leaves_no_part(trained_run, tmp_path):
+    out = tmp_path / "out"
+    (out / "evaluation.json").mkdir(parents=True)  # a folder where the file goes: the write fails
+    checkpoint = trained_run / "checkpoints" / "last.pt"
+    result = run_module("setrain.evaluate", f"checkpoint={checkpoint}", f"output_dir={out}", cwd=tmp_path)
+    assert_user_error(result, f"Could not write {out / 'evaluation.json'}", "then run the command again")
+    assert sorted(path.name for path in out.iterdir()) == ["evaluation.json"]

@@ -32,6 +32,7 @@ from setrain.engine.loop import evaluate, topk_correct
 from setrain.engine.runtime import resolve_device
 from setrain.errors import SetrainError
 from setrain.figures import pyplot
+from setrain.files import write_output
 from setrain.models.se import SEBlock, se_blocks, stage_of
 from setrain.trained import load_trained_model, trained_data
 
@@ -222,7 +223,7 @@ def analyze(cfg: DictConfig) -> dict:
     arrays = {"classes": np.array(classes), "class_counts": counts[classes].cpu().numpy()}
     for name, block in summary.items():
         arrays[f"{name}/mean"], arrays[f"{name}/class_means"] = block["mean"], block["class_means"]
-    np.savez(out_dir / "excitations.npz", **arrays)
+    write_output(out_dir / "excitations.npz", lambda file: np.savez(file, **arrays))
 
     title = f"{trained.name} on {data_cfg.name}"
     figures = {
@@ -231,11 +232,12 @@ def analyze(cfg: DictConfig) -> dict:
     }
     writer = SummaryWriter(out_dir / "tb")
     for name, fig in figures.items():
-        fig.savefig(out_dir / f"{name}.png", dpi=72)
+        write_output(out_dir / f"{name}.png", lambda file, fig=fig: fig.savefig(file, format="png", dpi=72))
         writer.add_figure(f"analysis/{name}", fig)  # closes the figure
     table = ablation_table(ablation)
-    (out_dir / "se_ablation.md").write_text(
-        f"# {title}: val top-1 with SE disabled (gates forced to 1), from {trained.checkpoint}\n\n{table}"
+    write_output(
+        out_dir / "se_ablation.md",
+        f"# {title}: val top-1 with SE disabled (gates forced to 1), from {trained.checkpoint}\n\n{table}",
     )
     writer.add_text("analysis/se_ablation", table)
     for depth, (name, block) in enumerate(summary.items()):
@@ -250,7 +252,7 @@ def analyze(cfg: DictConfig) -> dict:
         "class_specificity": {name: block["specificity"] for name, block in summary.items()},
         "se_ablation": ablation,
     }
-    (out_dir / "analysis.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_output(out_dir / "analysis.json", json.dumps(results, indent=2) + "\n")
     log.info("SE disabled by stage, val top-1 on %d images:\n%s", results["images"], table)
     log.info("Done: figures, excitations.npz, se_ablation.md and tb/ in %s", out_dir)
     return results

@@ -22,6 +22,7 @@ from setrain.cli import run, run_command
 from setrain.engine.loop import evaluate
 from setrain.engine.runtime import resolve_device
 from setrain.figures import pyplot
+from setrain.files import write_output
 from setrain.trained import load_trained_model, trained_data
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         "confusion_matrix": matrix.tolist(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_output(out_dir / "evaluation.json", json.dumps(results, indent=2) + "\n")
     title = f"{trained.name} on {data_cfg.name}: top-1 {metrics['top1']:.2f}% ({len(labels)} images)"
     fig = plot_confusion(plt, matrix, names, title)
-    fig.savefig(out_dir / "confusion_matrix.png", dpi=72)
+    write_output(out_dir / "confusion_matrix.png", lambda file: fig.savefig(file, format="png", dpi=72))
     plt.close(fig)
     log.info(
         "val loss %.4f  top-1 %.2f%%  top-5 %.2f%%  on %d images",

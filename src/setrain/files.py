@@ -36,6 +36,19 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+def write_output(path: Path, content: str | Callable[[BinaryIO], None]) -> None:
+    """A command's output file (text, or what `content` writes, e.g. a figure's savefig),
+    atomically; a failed write (a full disk, a read-only folder) is one sentence."""
+    write = content if callable(content) else (lambda file: file.write(content.encode()))
+    try:
+        write_atomically(path, write)
+    except OSError as error:
+        raise SetrainError(
+            f"Could not write {path} ({error.strerror or error}); free space or make {path.parent} "
+            "writable, then run the command again."
+        ) from error
+
+
 def load_torch_file(path: Path, what: str, missing_fix: str, unreadable_fix: str):
     """`torch.load` with ``weights_only=True`` onto the CPU: a file that would need to run code to
     unpickle is refused, not executed. `what` names the file in the error ("Checkpoint x.pt");

@@ -22,6 +22,7 @@ from setrain.cli import run, run_command
 from setrain.data.folders import load_rgb
 from setrain.engine.runtime import resolve_device
 from setrain.errors import SetrainError
+from setrain.files import write_output
 from setrain.trained import load_trained_model, trained_data
 
 IMAGES_FIX = "pass images=<an image file, a folder of images or a list [a.jpg,b.png]>"
@@ -98,7 +99,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     print(table(predictions, topk))
     out_dir = trained.output_dir(cfg.output_dir, "predictions")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "predictions.json").write_text(json.dumps(predictions, indent=2) + "\n")
+    write_output(out_dir / "predictions.json", json.dumps(predictions, indent=2) + "\n")
     print(f"{trained.name} ({trained.weights} weights, epoch {trained.epoch}): {out_dir}/predictions.json")
     return predictions
 
