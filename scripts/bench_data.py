@@ -12,25 +12,37 @@ recipe trains, on random inputs of the same size, on this machine. The table rep
 
 import argparse
 import os
-import platform
-import re
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torchvision
+from harness import BENCHMARKS, REPO, Trainee, cpu_name, write_section
 from PIL import Image
 
 from setrain.data import build_data
 from setrain.models import create_model
 from setrain.testing import write_cifar10, write_stl10
 
-REPO = Path(__file__).resolve().parents[1]
-
 WORKERS = (0, 1, 2)
-TARGET = 2.0
+TARGET = 2.0  # the best loader at least twice as fast as training
+
+
+class Recipe(NamedTuple):
+    """A dataset recipe's loader (`batches` timed) and the model it trains (best of `steps`)."""
+
+    dataset: str
+    recipe: str  # the augmentation, as the table names it
+    size: int  # px
+    config: dict  # data config
+    batches: int
+    model: str
+    model_size: int  # px
+    model_batch: int
+    steps: int
 
 
 def write_photos(root: Path, classes: int, per_class: int, seed: int = 0) -> None:
@@ -67,25 +79,10 @@ def loader_images_per_s(config: dict, workers: int, batches: int, repeats: int =
 
 
 def training_images_per_s(model_name: str, image_size: int, batch_size: int, steps: int) -> float:
-    model = create_model(model_name, num_classes=10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion = torch.nn.CrossEntropyLoss()
-    images = torch.randn(batch_size, 3, image_size, image_size)
-    targets = torch.randint(0, 10, (batch_size,))
-
-    def step():
-        loss = criterion(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    step()  # warm-up: allocations, kernel selection
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return batch_size / min(times)  # the fastest step, as for the loader: the least disturbed
+    batch = torch.randn(batch_size, 3, image_size, image_size), torch.randint(0, 10, (batch_size,))
+    trainee = Trainee(lambda: create_model(model_name, num_classes=10), batch, torch.device("cpu"))
+    trainee.step()  # warm-up: allocations, kernel selection
+    return batch_size / min(trainee.seconds_per_step(1) for _ in range(steps))  # the least disturbed
 
 
 def measure(folder: Path) -> list[dict]:
@@ -94,28 +91,28 @@ def measure(folder: Path) -> list[dict]:
     write_photos(folder / "imagenet", classes=10, per_class=40)
     common = {"root": str(folder), "download": False}
     recipes = [
-        ("cifar10", "cifar (pad-4 crop, flip)", 32, {"name": "cifar10", **common, "batch_size": 128}, 30,
-         ("se_resnet20", 32, 64, 5)),
-        ("stl10", "cifar (pad-12 crop, flip)", 96, {"name": "stl10", **common, "batch_size": 64}, 15,
-         ("se_resnet50", 96, 16, 3)),
-        ("stl10", "resize, pad-28 crop, flip", 224,
-         {"name": "stl10", **common, "image_size": 224, "batch_size": 32},
-         10, ("se_resnet50", 224, 8, 3)),
-        ("imagenet", "imagenet (random-size crop, flip)", 224,
-         {"name": "imagenet", "root": str(folder / "imagenet"), "image_size": 224, "batch_size": 32}, 10,
-         ("se_resnet50", 224, 8, 3)),
+        Recipe("cifar10", "cifar (pad-4 crop, flip)", 32, {"name": "cifar10", **common, "batch_size": 128}, 30,
+               "se_resnet20", 32, 64, 5),
+        Recipe("stl10", "cifar (pad-12 crop, flip)", 96, {"name": "stl10", **common, "batch_size": 64}, 15,
+               "se_resnet50", 96, 16, 3),
+        Recipe("stl10", "resize, pad-28 crop, flip", 224,
+               {"name": "stl10", **common, "image_size": 224, "batch_size": 32}, 10,
+               "se_resnet50", 224, 8, 3),
+        Recipe("imagenet", "imagenet (random-size crop, flip)", 224,
+               {"name": "imagenet", "root": str(folder / "imagenet"), "image_size": 224, "batch_size": 32}, 10,
+               "se_resnet50", 224, 8, 3),
     ]  # fmt: skip
     trained: dict[tuple, float] = {}
     rows = []
-    for dataset, recipe, size, config, batches, (model, model_size, model_batch, steps) in recipes:
-        loader = {w: loader_images_per_s(config, w, batches) for w in WORKERS}
-        key = (model, model_size)
+    for r in recipes:
+        loader = {w: loader_images_per_s(r.config, w, r.batches) for w in WORKERS}
+        key = (r.model, r.model_size)
         if key not in trained:
-            trained[key] = training_images_per_s(model, model_size, model_batch, steps)
+            trained[key] = training_images_per_s(r.model, r.model_size, r.model_batch, r.steps)
         ratio = max(loader.values()) / trained[key]
-        rows.append(dict(dataset=dataset, recipe=recipe, size=size, loader=loader, model=model,
+        rows.append(dict(dataset=r.dataset, recipe=r.recipe, size=r.size, loader=loader, model=r.model,
                          train=trained[key], ratio=ratio))  # fmt: skip
-        print(f"{dataset} {size}px: loader {loader}, {model} trains {trained[key]:.1f} img/s", flush=True)
+        print(f"{r.dataset} {r.size}px: loader {loader}, {r.model} trains {trained[key]:.1f} img/s", flush=True)
     return rows
 
 
@@ -138,7 +135,7 @@ def table(rows: list[dict]) -> str:
 
 def section(rows: list[dict], load: tuple[float, float]) -> str:
     machine = (
-        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU used, "
+        f"{cpu_name()}, no GPU used, "
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, {time.strftime('%Y-%m-%d')}; "
         f"1-minute load average {load[0]:.1f} before and {load[1]:.1f} after (other processes' share "
         "of the cores)"
@@ -168,17 +165,6 @@ training rate divided by the `num_workers=1` rate worker processes, each on its 
 """
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this script's section of docs/benchmarks.md, keeping any other section."""
-    existing = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Data loading\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(existing):
-        updated = pattern.sub(lambda _: text + "\n", existing).rstrip() + "\n"
-    else:
-        updated = existing.rstrip() + "\n\n" + text
-    path.write_text(updated)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md")
@@ -189,8 +175,8 @@ def main() -> None:
     text = section(rows, (load_before, os.getloadavg()[0]))
     print(text)
     if not args.no_write:
-        write_section(REPO / "docs" / "benchmarks.md", text)
-        print(f"Wrote {REPO / 'docs' / 'benchmarks.md'}")
+        write_section(text)
+        print(f"Wrote {BENCHMARKS}")
 
 
 if __name__ == "__main__":
