@@ -1,12 +1,13 @@
 """The engine in-process on tiny shapes runs: checkpoints, determinism, errors a user can cause."""
 
 import errno
-import math
 import json
+import math
 import pickle
 
 import pytest
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from setrain.engine import train, trainer
 from setrain.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -259,6 +260,7 @@ def test_a_full_disk_when_writing_results_is_one_sentence(tiny_config, tmp_path,
     assert (tmp_path / "checkpoints" / "last.pt").is_file() and not list(tmp_path.glob("results.json*"))
 
 
+@pytest.mark.slow
 def test_a_best_checkpoint_that_could_not_be_written_is_written_on_resume(tiny_config, tmp_path, monkeypatch):
     """The disk fills while best.pt is written: after resume=auto, best.pt is the epoch results.json names."""
 
@@ -276,6 +278,7 @@ def test_a_best_checkpoint_that_could_not_be_written_is_written_on_resume(tiny_c
     assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["epoch"] == results["best"]["epoch"] >= 1
 
 
+@pytest.mark.slow
 def test_resume_follows_a_changed_plan_and_refuses_fewer_epochs_than_done(tiny_config, tmp_path):
     """A longer run or a new lr on resume: the lr of its last epoch is that of a run started with
     those settings (a cosine of 2 epochs stretched to 4), not the old period's."""
@@ -285,3 +288,18 @@ def test_resume_follows_a_changed_plan_and_refuses_fewer_epochs_than_done(tiny_c
     assert resumed["final"]["lr"] == whole["final"]["lr"] == pytest.approx(0.2 * (1 + math.cos(math.pi * 3 / 4)) / 2)
     with pytest.raises(SetrainError, match="has trained 4 epochs, more than trainer.epochs=3"):
         train(tiny_config("trainer.epochs=3", "optimizer.lr=0.2", "resume=auto"), tmp_path / "split")
+
+
+def test_curves_that_cannot_be_written_are_one_sentence_and_keep_the_checkpoints(tiny_config, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "tb").write_text("a file where the curves' folder goes")
+    with pytest.raises(SetrainError, match=r"Could not write the TensorBoard curves in .*tb"):
+        train(tiny_config(), tmp_path / "a")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", disk_full)
+    with pytest.raises(SetrainError, match=r"curves in .*tb \(No space left on device\); free space"):
+        train(tiny_config(), tmp_path / "b")
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["epoch"] == 1
