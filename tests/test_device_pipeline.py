@@ -18,7 +18,6 @@ from setrain.engine.checkpoint import load_checkpoint
 from setrain.engine.trainer import train
 from setrain.errors import SetrainError
 from setrain.testing import write_cifar10, write_image, write_image_folder
-from test_engine import resume_mid_epoch_and_compare
 
 CPU = torch.device("cpu")
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -166,21 +165,6 @@ def test_cpu_defaults_stay_fp32_nchw_workers(tiny_config, tmp_path):
     assert results["precision"] == "32"
     config = compose_config()
     assert (config.trainer.precision, config.trainer.channels_last, config.data.pipeline) == ("auto", "auto", "auto")
-
-
-@pytest.mark.slow
-def test_device_pipeline_resumes_inside_an_epoch_exactly(tmp_path, monkeypatch):
-    """CIFAR files with random crops and flips drawn on the device: a run stopped mid-epoch and
-    resumed ends bitwise identical to the uninterrupted one."""
-    write_cifar10(tmp_path / "datasets", train_per_batch=16)
-    cifar = [
-        "data=cifar10", f"data.root={tmp_path / 'datasets'}", "data.pipeline=device", "data.batch_size=16",
-        "model=resnet20", "trainer.epochs=2", "trainer.checkpoint_every_n_steps=2", "trainer.device=cpu",
-    ]  # fmt: skip
-    interrupted = resume_mid_epoch_and_compare(
-        compose_config(*cifar), compose_config(*cifar, "resume=auto"), tmp_path, monkeypatch, step=4
-    )
-    assert (interrupted["epoch"], interrupted["epoch_progress"]["batches"]) == (0, 4)
 
 
 @pytest.mark.slow

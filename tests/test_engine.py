@@ -193,12 +193,13 @@ def test_a_checkpoint_write_cut_short_leaves_last_pt_to_resume_from(tiny_config,
 
 
 @pytest.mark.slow
-def test_resume_inside_an_epoch_replays_the_workers_augmentation(tmp_path, monkeypatch):
-    """CIFAR files with random crops and flips decoded by 2 workers: after resuming, the workers
-    must hand out the same augmented images as in the uninterrupted run."""
+@pytest.mark.parametrize("pipeline", ["data.pipeline=workers", "data.pipeline=device"])
+def test_resume_inside_an_epoch_replays_the_augmentation(tmp_path, monkeypatch, pipeline):
+    """CIFAR files with random crops and flips, by 2 workers or on the device: after resuming,
+    the batches must be the same augmented images as in the uninterrupted run."""
     write_cifar10(tmp_path / "datasets", train_per_batch=16)
     cifar = [
-        "data=cifar10", f"data.root={tmp_path / 'datasets'}", "data.num_workers=2", "data.batch_size=16",
+        "data=cifar10", f"data.root={tmp_path / 'datasets'}", "data.num_workers=2", "data.batch_size=16", pipeline,
         "model=resnet20", "trainer.epochs=2", "trainer.checkpoint_every_n_steps=2", "trainer.device=cpu",
     ]  # fmt: skip
     interrupted = resume_mid_epoch_and_compare(
