@@ -21,9 +21,9 @@ python -c "import torch, torchvision, hydra; print('torch', torch.__version__, '
 
 if [ "$PART" != fused ]; then
   echo "## bench_pipeline ($DEVICE)"
-  timeout 280 python -W ignore scripts/bench_pipeline.py --device "$DEVICE" $TINY || echo "bench_pipeline exited $?"
+  timeout 240 python -W ignore scripts/bench_pipeline.py --device "$DEVICE" $TINY || echo "bench_pipeline exited $?"
 fi
 if [ "$PART" != pipeline ]; then
   echo "## bench_train fused SE ($DEVICE)"
-  timeout 190 python -W ignore scripts/bench_train.py --fused-check --device "$DEVICE" ${TINY:+--batch-size 4 --size 64 --rounds 1 --steps 1} || echo "bench_train --fused-check exited $?"
+  timeout 240 python -W ignore scripts/bench_train.py --fused-check --rounds 3 --device "$DEVICE" ${TINY:+--batch-size 4 --size 64 --steps 1} || echo "bench_train --fused-check exited $?"
 fi
