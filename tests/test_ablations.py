@@ -38,10 +38,16 @@ def test_gate_nonlinearity(gate, function):
     x = torch.randn(4, 8, 3, 3)
     scale = excite(block, x.mean(dim=(2, 3)), function)
     torch.testing.assert_close(block(x), x * scale[:, :, None, None])
-    if gate == "tanh":  # tanh can flip and switch off channels, the sigmoid only attenuates
-        assert (scale < 0).any()
-    if gate == "relu":  # unbounded: ReLU can amplify a channel beyond its input
-        assert (scale == 0).any() or (scale > 1).any()
+
+
+@pytest.mark.parametrize("gate, logit, scale", [("sigmoid", 3.0, 0.95257), ("tanh", -3.0, -0.99505), ("relu", 3.0, 3.0)])
+def test_sigmoid_only_attenuates_tanh_can_flip_and_relu_amplify_a_channel(gate, logit, scale):
+    """With the excitation's last layer a constant `logit`, every channel is scaled by gate(logit)."""
+    block = SEBlock(8, reduction=2, gate=gate)
+    nn.init.zeros_(block.excitation[2].weight)
+    nn.init.constant_(block.excitation[2].bias, logit)
+    x = torch.randn(4, 8, 3, 3)
+    torch.testing.assert_close(block(x), x * scale, rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_squeeze_or_gate_lists_the_choices():

@@ -100,6 +100,7 @@ def test_tensorboard_has_train_and_val_curves(tiny_config, tmp_path):
     assert [event.step for event in events.Scalars("loss/val")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bitwise_identical_weights(tiny_config, tmp_path):
     train(tiny_config(), tmp_path / "a")
     train(tiny_config(), tmp_path / "b")
@@ -113,6 +114,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["plateau", "step", "cosine"])
 def test_resumed_run_ends_identical_to_an_uninterrupted_one(tiny_config, tmp_path, monkeypatch, scheduler):
     config = tiny_config(f"scheduler={scheduler}", "trainer.epochs=3")
@@ -174,6 +176,7 @@ def resume_mid_epoch_and_compare(config, resumed_config, tmp_path, monkeypatch, 
     return interrupted
 
 
+@pytest.mark.slow
 def test_resume_inside_an_epoch_ends_identical_to_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
     """4 batches per epoch: step 6 is halfway through epoch 2, with EMA, MixUp, warmup and all."""
     interrupted = resume_mid_epoch_and_compare(

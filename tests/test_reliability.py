@@ -344,6 +344,7 @@ def test_checkpoint_whose_pickle_would_run_code_is_refused_through_the_cli(tmp_p
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_of_another_model_is_refused_unless_forced(tiny_config, tmp_path):
     train(tiny_config("model=resnet20", "trainer.epochs=1"), tmp_path / "plain")
     checkpoint = tmp_path / "plain" / "checkpoints" / "last.pt"
@@ -433,6 +434,7 @@ def test_a_refused_sweep_job_leaves_no_job_dir_and_the_others_run(tmp_path):
     assert [path.name for path in sweep_dir.glob("1_*/results.json")] == ["results.json"]
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_config, tmp_path):
     train(tiny_config("trainer.epochs=1"), tmp_path)
     last = tmp_path / "checkpoints" / "last.pt"

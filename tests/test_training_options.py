@@ -132,6 +132,7 @@ def test_every_option_together_trains_and_checkpoints_its_state(tiny_config, tmp
     assert {"val_ema_top1", "val_top1"} <= set(results["final"])
 
 
+@pytest.mark.slow
 def test_compiled_run_trains_like_the_eager_one(tiny_config, tmp_path):
     train(tiny_config("trainer.epochs=1"), tmp_path / "eager")
     train(tiny_config("trainer.epochs=1", "trainer.compile=aot_eager"), tmp_path / "compiled")
