@@ -297,7 +297,7 @@ def main() -> None:
                     result = cli(root, *case.hidden, *case.args, env=case.env, program=case.program)
                 message = seen(result, root)
                 if case.left:
-                    message += f" Left in the folder: {left_behind(root, before)}."
+                    message += f" Added or changed in the folder: {left_behind(root, before)}."
                 if "code_ran" in case.what:
                     assert not (root / "code_ran").exists()
             env = "".join(f"{key}={value} " for key, value in case.env.items())
