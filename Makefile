@@ -11,7 +11,7 @@ install: $(INSTALLED)
 # constraints.txt pins the tested torch/torchvision pair (see DEVELOPERS.md).
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PYTHON3) -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,analysis]'
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,analysis,export]'
 	touch $@
 
 train: install
