@@ -34,8 +34,8 @@ def test_reduction_sweep_runs_every_job_and_reports_the_one_that_cannot_work(tmp
     )  # fmt: skip
     assert_user_error(result, "r=32 is too large for a layer of 16 channels", "1 job(s) failed")
     finished = sorted(path.parent.name for path in sweep_dir.glob("*/results.json"))
-    assert [name.split("_")[0] for name in finished] == ["0", "2"]
-    assert "model.se.reduction=4" in finished[0] and "model.se.reduction=8" in finished[1]
+    assert finished == ["0_reduction-4", "2_reduction-8"]  # named after the swept key only
+    assert "Sweep sweep: 2 of 3 jobs finished, 1 failed or unfinished." in result.stdout
     assert json.loads((sweep_dir / finished[0] / "results.json").read_text())["params"] > 0
 
 

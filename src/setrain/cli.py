@@ -26,7 +26,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
 from setrain.engine import signals, train
@@ -34,19 +35,30 @@ from setrain.engine.rundir import (
     RunDirBefore,
     before_run,
     check_earlier_run,
+    job_dir_name,
     lock_run_dir,
     new_run_dir,
+    shown,
+    swept_keys,
     undo_refused_run,
 )
 from setrain.engine.signals import RunStopped
 from setrain.errors import SetrainError
 
 log = logging.getLogger(__name__)
-failed_jobs: list[str] = []
+failed_jobs: list[tuple[int, Path]] = []  # (job number, job dir) of the jobs of a multirun that failed
 # What the run dir, or each job dir of a sweep (by name), held before Hydra wrote into it.
 run_dirs_before: dict[str, RunDirBefore] = {}
 # Read before `run` sets the variable for Hydra: whether the user asked for tracebacks.
 SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"
+# hydra.sweep.subdir in configs/train.yaml: a job dir named after what its sweep varies.
+OmegaConf.register_new_resolver(
+    "setrain.job_dir",
+    lambda *, _root_: job_dir_name(
+        _root_.hydra.job.num, list(_root_.hydra.overrides.task), list(_root_.hydra.job.config.override_dirname.exclude_keys)
+    ),
+    replace=True,
+)
 
 
 def run(hydra_main: Callable[[], object]) -> int:
@@ -94,6 +106,7 @@ class ClaimRunDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         signals.record_stop_signals()
+        name_jobs_by_swept_keys(config)
         if self.claims:
             sweep_dir = Path(config.hydra.sweep.dir).absolute()
             for job_dir in sweep_dir.iterdir() if sweep_dir.is_dir() else ():
@@ -110,6 +123,39 @@ class ClaimRunDir(Callback):
         if self.job_lock is not None:
             os.close(self.job_lock)
             self.job_lock = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.claims:
+            print(sweep_summary(Path(config.hydra.sweep.dir)))
+
+
+def name_jobs_by_swept_keys(config: DictConfig) -> None:
+    """Leave the overrides that every job shares out of `hydra.job.override_dirname` and so out of
+    the job dir names (setrain.job_dir), by adding them to its exclude_keys. It is added as a Hydra
+    override, which each job's config is composed with, so remote launchers (SLURM) name jobs alike."""
+    task = list(config.hydra.overrides.task)
+    swept = swept_keys(task, config.hydra.sweeper.get("params"))
+    shared = {o.key_or_group for o in OverridesParser.create().parse_overrides(task)} - swept
+    excluded = sorted(set(config.hydra.job.config.override_dirname.exclude_keys) | shared)
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]")
+
+
+def sweep_summary(sweep_dir: Path) -> str:
+    """What a multirun gives: how many jobs finished, the best one, and the commands to compare them.
+    Read from the job dirs, so jobs that another launcher (SLURM) ran count too."""
+    jobs = {hydra_dir.parent.name for hydra_dir in sweep_dir.glob("*/.hydra")} | {job_dir.name for _, job_dir in failed_jobs}
+    results = {job: json.loads(results.read_text()) for job in sorted(jobs) if (results := sweep_dir / job / "results.json").is_file()}
+    lines = [f"Sweep {shown(sweep_dir)}: {len(results)} of {len(jobs)} jobs finished"
+             + (f", {len(jobs) - len(results)} failed or unfinished." if len(results) < len(jobs) else ".")]  # fmt: skip
+    if results:
+        best = max(results, key=lambda job: results[job]["best"]["val_top1"])
+        lines.append(f"Best val top-1: {results[best]['best']['val_top1']:.2f}% in {shown(sweep_dir / best)}")
+    lines += [
+        f"Compare the curves:  tensorboard --logdir {shown(sweep_dir)}",
+        f"Table and figures:   python scripts/sweep_report.py {shown(sweep_dir)}",
+    ]
+    return "\n".join(lines)
 
 
 @contextmanager
@@ -137,7 +183,11 @@ def run_training(cfg: DictConfig) -> float | None:
     try:
         if hydra_cfg.mode == RunMode.MULTIRUN:  # a single run's values were checked by ClaimRunDir
             check_values(cfg)
-        return train(cfg, run_dir)["best"]["val_top1"]
+            return train(cfg, run_dir)["best"]["val_top1"]
+        best = train(cfg, run_dir)["best"]["val_top1"]
+        log.info("Curves: tensorboard --logdir %s", shown(run_dir))
+        log.info("Evaluate: python -m setrain.evaluate checkpoint=%s", shown(run_dir / "checkpoints" / "best.pt"))
+        return best
     except RunStopped as stopped:
         log.info("%s", stopped)
         if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -151,7 +201,7 @@ def run_training(cfg: DictConfig) -> float | None:
             undo_refused_run(run_dirs_before.get(run_dir.name if multirun else "") or new_run_dir(run_dir))
         if not multirun:
             sys.exit(1)
-        failed_jobs.append(f"{hydra_cfg.job.num} ({run_dir})")
+        failed_jobs.append((hydra_cfg.job.num, run_dir))
         return None
 
 
@@ -184,6 +234,6 @@ def exit_status() -> int:
     """128 + signal after a stop signal; non-zero after a multirun in which some job failed, listing those jobs."""
     _stop_on_earlier_signal("after training ended")
     if failed_jobs:
-        print(f"setrain: {len(failed_jobs)} job(s) failed: {', '.join(failed_jobs)}", file=sys.stderr)
+        print(f"setrain: {len(failed_jobs)} job(s) failed: {', '.join(f'{number} ({shown(job_dir)})' for number, job_dir in failed_jobs)}", file=sys.stderr)
         return 1
     return 0

@@ -5,11 +5,13 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from setrain.errors import SetrainError
@@ -178,3 +180,37 @@ def undo_refused_run(before: RunDirBefore) -> None:
             os.truncate(run_dir / name, size)
     except OSError:
         pass
+
+
+# Characters Hydra's override grammar takes unquoted in a value (and a shell in a word): a path
+# made of them pastes into `checkpoint=<path>` or `resume=<path>` as it is.
+_PASTEABLE = re.compile(r"[^A-Za-z0-9_.+-]+")
+_BRACKETS = re.compile(r"[][(){}'\" ]")
+
+
+def swept_keys(task_overrides: list[str], sweeper_params: Mapping | None) -> set[str]:
+    """The keys a multirun varies: sweeps on its command line (`a=1,2`, `range(...)`, `choice(...)`)
+    and the sweeper's `params` (an experiment's `hydra.sweeper.params`, Optuna's search space)."""
+    parsed = OverridesParser.create().parse_overrides(task_overrides)
+    return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(sweeper_params or {})
+
+
+def job_dir_name(number: int, job_overrides: list[str], exclude_keys: list[str]) -> str:
+    """`<job number>_<key>-<value>_...` for the overrides not excluded, i.e. those the sweep varies
+    (ClaimRunDir excludes the rest): `3_reduction-16`. A key is its last part unless two of them
+    share it; a value loses its brackets and quotes and keeps only the characters `_PASTEABLE` allows, so every path below the job
+    dir can be passed unquoted to `checkpoint=` or `resume=`."""
+    parsed = [o for o in OverridesParser.create().parse_overrides(job_overrides) if o.key_or_group not in exclude_keys]
+    last_parts = [o.key_or_group.rsplit(".", 1)[-1] for o in parsed]
+    items = []
+    for override, short in zip(parsed, last_parts):
+        key = short if last_parts.count(short) == 1 else override.key_or_group
+        value = _PASTEABLE.sub("-", _BRACKETS.sub("", override.get_value_element_as_str())) or "none"
+        items.append(f"{key}-{value}")
+    return "_".join([str(number), *sorted(items)])
+
+
+def shown(path: Path) -> Path:
+    """`path` as setrain prints it: relative to the working dir when inside it (shorter to paste)."""
+    path = Path(path).absolute()
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path

@@ -428,10 +428,9 @@ def _finish(run: Run, precision: str, stopped_early_at: int | None, run_time: fl
             "final_val_top5": state.metrics["val_top5"], "final_val_loss": state.metrics["val_loss"],
         })  # fmt: skip
     log.info(
-        "Done: val top-1 %.2f%% (best %.2f%% at epoch %d) in %.0f s. Run dir: %s",
-        state.metrics["val_top1"], state.best["val_top1"], state.best["epoch"], results["run_time_s"], run.run_dir,
+        "Done: val top-1 %.2f%% (best %.2f%% at epoch %d) in %.0f s.",
+        state.metrics["val_top1"], state.best["val_top1"], state.best["epoch"], results["run_time_s"],
     )  # fmt: skip
-    log.info("Curves: tensorboard --logdir %s  (or --logdir outputs to compare runs)", run.run_dir / "tb")
     return results
 
 
