@@ -79,8 +79,8 @@ def test_reduction_ratio_table_of_the_paper(reduction, millions):
     assert count / 1e6 == pytest.approx(millions, abs=0.25)
 
 
-class SeedSEBasicBlock(nn.Module):
-    """Seed 004's CIFAR SENet block, written as the seed does: SE as two 1x1 convs."""
+class PytorchCifarSEBlock(nn.Module):
+    """The pytorch-cifar SENet block, written as that repository does: SE as two 1x1 convs."""
 
     def __init__(self, in_planes, planes, stride=1, reduction=16):
         super().__init__()
@@ -102,14 +102,14 @@ class SeedSEBasicBlock(nn.Module):
         return torch.relu(out * w + self.shortcut(x))
 
 
-class SeedSENet18(nn.Module):
+class PytorchCifarSENet18(nn.Module):
     def __init__(self, num_classes=10):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         layers, in_planes = [], 64
         for planes, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-            layers.append(nn.Sequential(SeedSEBasicBlock(in_planes, planes, stride), SeedSEBasicBlock(planes, planes)))
+            layers.append(nn.Sequential(PytorchCifarSEBlock(in_planes, planes, stride), PytorchCifarSEBlock(planes, planes)))
             in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.linear = nn.Linear(512, num_classes)
@@ -119,7 +119,7 @@ class SeedSENet18(nn.Module):
         return self.linear(nn.functional.avg_pool2d(out, 4).flatten(1))
 
 
-def seed_to_setrain_key(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+def pytorch_cifar_to_setrain_key(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
     parts = key.split(".")
     if parts[0] in ("conv1", "bn1"):
         return f"stem.{0 if parts[0] == 'conv1' else 1}.{parts[1]}", value
@@ -136,20 +136,20 @@ def seed_to_setrain_key(key: str, value: torch.Tensor) -> tuple[str, torch.Tenso
     return f"{prefix}.{linear}.{parts[4]}", value.flatten(1) if value.dim() == 4 else value
 
 
-def test_senet18_cifar_computes_what_the_seed_1x1_conv_senet18_computes():
-    """senet18_cifar is seed 004's SENet-18: same parameters, and the same outputs once its
+def test_senet18_cifar_computes_what_pytorch_cifar_senet18_computes():
+    """senet18_cifar is pytorch-cifar's SENet-18: same parameters, and the same outputs once its
     1x1-conv excitation weights are loaded into the FC excitation."""
     torch.manual_seed(0)
-    seed_model = SeedSENet18().eval()
-    for module in seed_model.modules():
+    reference = PytorchCifarSENet18().eval()
+    for module in reference.modules():
         if isinstance(module, nn.BatchNorm2d):  # so BN is not the identity
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 1.5)
     ours = create_model("senet18_cifar").eval()
-    assert count_parameters(ours) == count_parameters(seed_model)
-    ours.load_state_dict(dict(seed_to_setrain_key(k, v) for k, v in seed_model.state_dict().items()))
+    assert count_parameters(ours) == count_parameters(reference)
+    ours.load_state_dict(dict(pytorch_cifar_to_setrain_key(k, v) for k, v in reference.state_dict().items()))
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(ours(x), seed_model(x))
+    torch.testing.assert_close(ours(x), reference(x))
 
 
 def test_registry_lists_every_se_model_with_its_plain_twin():

@@ -18,7 +18,7 @@ from torch import nn
 from setrain.data.transforms import batch_mixing
 from setrain.engine import train, trainer
 from setrain.engine.checkpoint import load_checkpoint
-from setrain.engine.loop import EpochTotals, Recipe, train_steps
+from setrain.engine.loop import EpochTotals, StepSettings, train_steps
 from setrain.engine.optim import build_optimizer, build_scheduler
 from setrain.errors import SetrainError
 
@@ -42,10 +42,10 @@ class Linear(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def run_steps(model, recipe, batches, lr=0.1):
+def run_steps(model, settings, batches, lr=0.1):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     totals = EpochTotals()
-    losses = list(train_steps(model, recipe, optimizer, iter(batches), len(batches), CPU, totals))
+    losses = list(train_steps(model, settings, optimizer, iter(batches), len(batches), CPU, totals))
     return losses, totals
 
 
@@ -53,21 +53,21 @@ def test_accumulating_two_half_batches_is_one_step_on_the_whole_batch():
     halves = linear_batches(4, 8)
     wholes = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(halves[::2], halves[1::2])]
     accumulated, whole = Linear(), Linear()
-    steps, totals = run_steps(accumulated, Recipe(nn.CrossEntropyLoss(), accumulate=2), halves)
-    run_steps(whole, Recipe(nn.CrossEntropyLoss()), wholes)
+    steps, totals = run_steps(accumulated, StepSettings(nn.CrossEntropyLoss(), accumulate=2), halves)
+    run_steps(whole, StepSettings(nn.CrossEntropyLoss()), wholes)
     assert len(steps) == 2 and totals.batches == 4 and totals.seen == 32
     assert torch.allclose(accumulated.fc.weight, whole.fc.weight, atol=1e-6)
 
 
 def test_an_epoch_that_does_not_divide_by_the_accumulation_still_steps_on_its_last_batches():
-    steps, totals = run_steps(Linear(), Recipe(nn.CrossEntropyLoss(), accumulate=2), linear_batches(5, 8))
+    steps, totals = run_steps(Linear(), StepSettings(nn.CrossEntropyLoss(), accumulate=2), linear_batches(5, 8))
     assert len(steps) == 3 and totals.batches == 5
 
 
 def test_clipping_bounds_the_gradient_norm_of_each_step():
     model = Linear()
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    run_steps(model, Recipe(nn.CrossEntropyLoss(), clip_norm=1e-3), linear_batches(1, 8), lr=1.0)
+    run_steps(model, StepSettings(nn.CrossEntropyLoss(), clip_norm=1e-3), linear_batches(1, 8), lr=1.0)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (after - before).norm() == pytest.approx(1e-3, rel=1e-3)  # plain SGD moves lr x clipped grad
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from setrain.engine.distributed import Processes, gather_object
-from setrain.engine.loop import EpochTotals, Recipe
+from setrain.engine.loop import EpochTotals, StepSettings
 from setrain.engine.runtime import rng_states
 from setrain.errors import SetrainError
 from setrain.files import load_torch_file, write_atomically
@@ -54,7 +54,7 @@ class Trainees:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    recipe: Recipe
+    step_settings: StepSettings
 
 
 def checkpoint_of(trainees: Trainees, state: RunState, totals: EpochTotals | None, config: dict,
@@ -69,12 +69,12 @@ def checkpoint_of(trainees: Trainees, state: RunState, totals: EpochTotals | Non
     })  # fmt: skip
     if positions is None:
         return None
-    ema = trainees.recipe.ema
+    ema = trainees.step_settings.ema
     return {
         "model": trainees.model.state_dict(),
         "optimizer": trainees.optimizer.state_dict(),
         "scheduler": trainees.scheduler.state_dict(),
-        "scaler": trainees.recipe.scaler.state_dict(),
+        "scaler": trainees.step_settings.scaler.state_dict(),
         **({"ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged)} if ema is not None else {}),
         "epoch": state.epoch,
         **positions[0],  # epoch_progress and rng: rank 0's, or the only process's
@@ -92,12 +92,12 @@ def restore(trainees: Trainees, checkpoint: dict, source: Path, processes: Proce
     load_model_state(trainees.model, checkpoint["model"], source)
     trainees.optimizer.load_state_dict(checkpoint["optimizer"])
     trainees.scheduler.load_state_dict(checkpoint["scheduler"])
-    recipe = trainees.recipe
+    settings = trainees.step_settings
     if "scaler" in checkpoint:
-        recipe.scaler.load_state_dict(checkpoint["scaler"])
-    if recipe.ema is not None and "ema" in checkpoint:
-        recipe.ema.module.load_state_dict(checkpoint["ema"])
-        recipe.ema.n_averaged.fill_(checkpoint["ema_updates"])
+        settings.scaler.load_state_dict(checkpoint["scaler"])
+    if settings.ema is not None and "ema" in checkpoint:
+        settings.ema.module.load_state_dict(checkpoint["ema"])
+        settings.ema.n_averaged.fill_(checkpoint["ema_updates"])
     position = _position_of_this_process(checkpoint, processes)
     progress = position.get("epoch_progress")
     return RunState(

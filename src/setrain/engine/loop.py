@@ -27,7 +27,7 @@ def topk_correct(logits: Tensor, targets: Tensor, ks=(1, 5)) -> list[Tensor]:
 
 
 @dataclass
-class Recipe:
+class StepSettings:
     """How every training batch is processed (from cfg.trainer); evaluation uses the speed fields."""
 
     criterion: nn.Module
@@ -58,7 +58,7 @@ class EpochTotals:
 
 def train_steps(
     model: nn.Module,
-    recipe: Recipe,
+    settings: StepSettings,
     optimizer: torch.optim.Optimizer,
     batches: Iterator,
     num_batches: int,
@@ -69,36 +69,36 @@ def train_steps(
     optimizer step, with `totals` updated in place. `model` may be wrapped (DDP, compiled)."""
     model.train()
     for images, targets in batches:
-        images = images.to(device, non_blocking=True, memory_format=recipe.memory_format)
+        images = images.to(device, non_blocking=True, memory_format=settings.memory_format)
         labels = targets.to(device, non_blocking=True)
         targets = labels
-        if recipe.mix is not None:
-            images, targets = recipe.mix(images, labels)  # soft targets, (N, num_classes)
+        if settings.mix is not None:
+            images, targets = settings.mix(images, labels)  # soft targets, (N, num_classes)
         totals.batches += 1
-        group_start = (totals.batches - 1) // recipe.accumulate * recipe.accumulate
-        group_size = min(recipe.accumulate, num_batches - group_start)
+        group_start = (totals.batches - 1) // settings.accumulate * settings.accumulate
+        group_size = min(settings.accumulate, num_batches - group_start)
         steps_now = totals.batches == group_start + group_size
         # DDP averages gradients across processes only on the batch that ends a group.
         no_sync = isinstance(model, DistributedDataParallel) and not steps_now
         with model.no_sync() if no_sync else nullcontext():
-            with recipe.autocast(device):
+            with settings.autocast(device):
                 logits = model(images)
-                loss = recipe.criterion(logits, targets)
-            recipe.scaler.scale(loss / group_size).backward()
+                loss = settings.criterion(logits, targets)
+            settings.scaler.scale(loss / group_size).backward()
 
         loss = loss.detach()
         totals.loss_sum += loss.float() * len(labels)
         totals.correct += (logits.detach().argmax(dim=1) == labels).sum()
         totals.seen += len(labels)
         if steps_now:
-            if recipe.clip_norm is not None:
-                recipe.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
-            recipe.scaler.step(optimizer)
-            recipe.scaler.update()
+            if settings.clip_norm is not None:
+                settings.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+            settings.scaler.step(optimizer)
+            settings.scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            if recipe.ema is not None:
-                recipe.ema.update_parameters(model)
+            if settings.ema is not None:
+                settings.ema.update_parameters(model)
             yield loss
 
 
@@ -109,11 +109,11 @@ def evaluate(
     loader: DataLoader,
     device: torch.device,
     description: str = "val",
-    recipe: Recipe | None = None,
+    settings: StepSettings | None = None,
     processes: Processes = Processes(),
 ) -> dict[str, float]:
     """Mean loss, top-1 and top-5 accuracy (%) over `loader`, summed over all processes."""
-    recipe = recipe or Recipe(criterion)
+    settings = settings or StepSettings(criterion)
     model.eval()
     loss_sum = torch.zeros((), device=device)
     top1 = torch.zeros((), device=device, dtype=torch.long)
@@ -121,9 +121,9 @@ def evaluate(
     seen = torch.zeros((), device=device, dtype=torch.long)
     progress = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=None if processes.is_main else True)
     for images, targets in progress:
-        images = images.to(device, non_blocking=True, memory_format=recipe.memory_format)
+        images = images.to(device, non_blocking=True, memory_format=settings.memory_format)
         targets = targets.to(device, non_blocking=True)
-        with recipe.autocast(device):
+        with settings.autocast(device):
             logits = model(images)
         loss_sum += criterion(logits.float(), targets) * len(targets)
         hits1, hits5 = topk_correct(logits, targets, ks=(1, 5))

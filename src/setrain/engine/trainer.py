@@ -34,7 +34,7 @@ from setrain.engine.distributed import (
     init_processes,
     sum_across,
 )
-from setrain.engine.loop import EpochTotals, Recipe, evaluate, train_steps
+from setrain.engine.loop import EpochTotals, StepSettings, evaluate, train_steps
 from setrain.engine.optim import build_optimizer, build_scheduler, continue_schedule
 from setrain.engine.rundir import check_same_run
 from setrain.engine.runtime import (
@@ -137,7 +137,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
     )  # fmt: skip
     run.curves = RunCurves(run_dir / "tb", processes.is_main, purge_step=run.state.global_step or None)
     if processes.is_main:
-        run.gate_images = next(iter(data.val_loader))[0][:HISTOGRAM_IMAGES].to(device, memory_format=trainees.recipe.memory_format)
+        run.gate_images = next(iter(data.val_loader))[0][:HISTOGRAM_IMAGES].to(device, memory_format=trainees.step_settings.memory_format)
         if resume_from is None:
             run.curves.sample_images(next(iter(data.train_loader))[0].cpu())
     stopped_early_at = None
@@ -207,7 +207,7 @@ def _configure_process(cfg: DictConfig, device: torch.device, processes: Process
 
 
 def _build_trainees(cfg: DictConfig, data: DataBundle, device: torch.device, processes: Processes) -> tuple[Trainees, str]:
-    """Model, optimizer, scheduler and the Recipe of a training step; and the precision resolved."""
+    """Model, optimizer, scheduler and the StepSettings of a training step; and the precision resolved."""
     trainer = cfg.trainer
     model = build_model(OmegaConf.to_container(cfg.model), data.num_classes)
     memory_format = torch.channels_last if resolve_channels_last(trainer.channels_last, device) else torch.contiguous_format
@@ -218,7 +218,7 @@ def _build_trainees(cfg: DictConfig, data: DataBundle, device: torch.device, pro
     optimizer = build_optimizer(cfg.optimizer, model, effective_batch)
     scheduler = build_scheduler(cfg.scheduler, optimizer, trainer.epochs)
     precision = resolve_precision(str(trainer.precision), device)
-    recipe = Recipe(
+    settings = StepSettings(
         criterion=nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing),
         autocast_dtype=PRECISIONS[precision],
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "16"),
@@ -230,7 +230,7 @@ def _build_trainees(cfg: DictConfig, data: DataBundle, device: torch.device, pro
             model, multi_avg_fn=get_ema_multi_avg_fn(trainer.ema_decay), use_buffers=True
         ),
     )  # fmt: skip
-    return Trainees(model, optimizer, scheduler, recipe), precision
+    return Trainees(model, optimizer, scheduler, settings), precision
 
 
 def _resume(cfg: DictConfig, trainees: Trainees, path: Path, processes: Processes, device: torch.device) -> RunState:
@@ -304,7 +304,7 @@ def _train_epoch(run: Run, epoch: int, stop) -> dict:
     )  # fmt: skip
     epoch_start, seen_before = time.perf_counter(), totals.seen
     logged = (epoch_start, seen_before)
-    for loss in train_steps(run.train_model, run.trainees.recipe, optimizer, bar, num_batches, device, totals):
+    for loss in train_steps(run.train_model, run.trainees.step_settings, optimizer, bar, num_batches, device, totals):
         state.global_step += 1
         at_log_step = state.global_step % trainer.log_every_n_steps == 0
         if at_log_step:
@@ -352,13 +352,13 @@ def _log_step(run: Run, bar, progress: str, loss: float, totals: EpochTotals, nu
 
 def _validate(run: Run, epoch: int) -> dict:
     """Val loss, top-1, top-5 (and the EMA's, as ema_*), without label smoothing, comparable across runs."""
-    progress, recipe = f"epoch {epoch}/{run.cfg.trainer.epochs}", run.trainees.recipe
+    progress, settings = f"epoch {epoch}/{run.cfg.trainer.epochs}", run.trainees.step_settings
     criterion = nn.CrossEntropyLoss()
     broadcast_buffers(run.processes, run.trainees.model)
-    metrics = evaluate(run.trainees.model, criterion, run.data.val_loader, run.device, f"{progress} val", recipe, run.processes)
-    if recipe.ema is not None:
-        broadcast_buffers(run.processes, recipe.ema.module)
-        ema = evaluate(recipe.ema.module, criterion, run.data.val_loader, run.device, f"{progress} val EMA", recipe, run.processes)
+    metrics = evaluate(run.trainees.model, criterion, run.data.val_loader, run.device, f"{progress} val", settings, run.processes)
+    if settings.ema is not None:
+        broadcast_buffers(run.processes, settings.ema.module)
+        ema = evaluate(settings.ema.module, criterion, run.data.val_loader, run.device, f"{progress} val EMA", settings, run.processes)
         metrics.update({f"ema_{key}": value for key, value in ema.items()})
     return metrics
 

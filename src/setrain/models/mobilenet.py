@@ -1,7 +1,7 @@
-"""MobileNetV1 (Howard et al. 2017) with optional SE, the model the STL10 seed trains (seed 000).
+"""MobileNetV1 (Howard et al. 2017) with optional SE, the model of the STL10 recipe in a blog review of SENet (experiment=se_mobilenet_stl10).
 
-SE follows each depthwise-separable block, on the pointwise conv's output, as in the seed. The
-seed's own code has a 64x64 stem kernel and a stride-2 last block; this follows the MobileNet
+SE follows each depthwise-separable block, on the pointwise conv's output, as in that review. The
+review's own code has a 64x64 stem kernel and a stride-2 last block; this follows the MobileNet
 paper (Table 1): a 3x3/2 stem of 32 channels and the last block at stride 1 (the paper's table
 lists s2 there, but its 7x7 output map, and the reference TensorFlow model, need stride 1).
 """

@@ -412,7 +412,7 @@ def se_resnet110(num_classes: int = 10, in_chans: int = 3, **se) -> ResNet:
     return _cifar_resnet(18, num_classes, in_chans, se)
 
 
-# The 18-layer CIFAR SENet of seed 004 (kuangliu's pytorch-cifar layout): ResNet-18 widths,
+# The 18-layer CIFAR SENet of kuangliu's pytorch-cifar (as a blog post on SENet trains it): ResNet-18 widths,
 # a 3x3 stem at full resolution. Its 1x1-conv excitation is SEBlock's FCs (see SEBlock).
 
 
@@ -424,7 +424,7 @@ def resnet18_cifar(num_classes: int = 10, in_chans: int = 3) -> ResNet:
 
 @register_model
 def senet18_cifar(num_classes: int = 10, in_chans: int = 3, **se) -> ResNet:
-    """SENet-18 for 32 px images (seed 004): 11.26M parameters at 10 classes."""
+    """SENet-18 for 32 px images (kuangliu's pytorch-cifar layout): 11.26M parameters at 10 classes."""
     return ResNet(
         BasicBlock, [2, 2, 2, 2], stem="cifar", num_classes=num_classes, in_chans=in_chans, se=se
     )

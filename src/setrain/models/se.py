@@ -35,7 +35,7 @@ class SEBlock(nn.Module):
     `"relu"` replace the sigmoid as in the ablation of TPAMI Sec. 6.3.
     Scale: the input is multiplied channel-wise by the gate (Eq. 4).
     The FCs carry biases, as in the paper's released models, so parameter counts match them.
-    A 1x1 convolution on the squeezed 1x1 map (the released Caffe models, seed 004) computes the
+    A 1x1 convolution on the squeezed 1x1 map (the released Caffe models, and kuangliu's pytorch-cifar SENet-18) computes the
     same function with the same parameters; weight import reshapes its kernels into these FCs.
     """
 
