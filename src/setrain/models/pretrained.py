@@ -1,7 +1,8 @@
 """Weight import from a local file: torchvision, timm and Cadene (pretrained-models) ResNet state dicts.
 
-Nothing is downloaded: `model.pretrained=<path>` names a file saved with ``torch.save``. Keys are
-renamed to ours (`layer2.0.conv2` -> `stages.1.0.residual.3`), the 1x1-conv excitation kernels of
+`model.pretrained=<path>` names a file saved with ``torch.save`` (`imagenet` downloads the model's
+released file first, setrain.models.released). Keys are renamed to ours (`layer2.0.conv2` ->
+`stages.1.0.residual.3`), the 1x1-conv excitation kernels of
 timm and Cadene become our SE Linear weights, and everything is checked before anything is loaded.
 Two holes are allowed and logged: SE layers absent from a plain network's file (torchvision
 ResNets into SE-ResNets) and a classifier for another number of classes (fine-tuning) keep their
@@ -40,7 +41,7 @@ def read_state_dict(path: Path | str) -> dict[str, Tensor]:
     content = load_torch_file(
         path,
         f"The pretrained weights file {path}",
-        missing_fix="set model.pretrained to a local .pt/.pth file (nothing is downloaded)",
+        missing_fix="set model.pretrained to a local .pt/.pth file, or to imagenet for released weights",
         unreadable_fix="download or save the weights again",
     )
     for wrapper in ("state_dict", "model"):
