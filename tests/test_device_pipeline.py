@@ -12,8 +12,15 @@ from torchvision.transforms.v2 import functional as F
 
 from conftest import assert_user_error, compose_config, run_cli
 from setrain.data import build_data
-from setrain.data.on_device import BatchTransform, crop_boxes, epoch_order, random_resized_crop
-from setrain.data.transforms import build_transforms, resize_centre_crop
+from setrain.data.on_device import (
+    BatchTransform,
+    crop_boxes,
+    epoch_order,
+    erasing_boxes,
+    random_erasing,
+    random_resized_crop,
+)
+from setrain.data.transforms import Augmentation, build_transforms, resize_centre_crop
 from setrain.engine.checkpoint import load_checkpoint
 from setrain.engine.trainer import train
 from setrain.errors import SetrainError
@@ -79,6 +86,44 @@ def test_random_resized_crop_matches_torchvision_on_batches_and_mixed_sizes():
         reference = torch.stack([F.resized_crop(image, *box.tolist(), size=[24, 24], antialias=True) for image, box in zip(images, boxes)])
         assert out.shape == (len(images), 3, 24, 24)
         assert (out - reference.float()).abs().mean() < 2.0 and (out - reference.float()).abs().max() < 40
+
+
+def test_random_erasing_boxes_follow_torchvision_in_distribution():
+    """The batched draws against torchvision's RandomErasing, image by image, on 3000 images:
+    the share erased, the erased area and the aspect agree."""
+    step, n = v2.RandomErasing(p=0.6), 3000
+    top, left, h, w = erasing_boxes(n, 24, 40, step, torch.Generator().manual_seed(0)).unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 24).all() and (left + w <= 40).all()
+    torch.manual_seed(0)
+    reference = [step.make_params([torch.zeros(3, 24, 40)]) if torch.rand(1) < step.p else None for _ in range(n)]
+    ref_h = torch.tensor([0 if params is None or params["v"] is None else params["h"] for params in reference])
+    ref_w = torch.tensor([0 if params is None or params["v"] is None else params["w"] for params in reference])
+    erased, ref_erased = h > 0, ref_h > 0
+    assert abs(erased.float().mean() - ref_erased.float().mean()) < 0.04
+    area, ref_area = (h * w)[erased].double() / 960, (ref_h * ref_w)[ref_erased].double() / 960
+    assert abs(area.mean() - ref_area.mean()) < 0.01 and abs(area.std() - ref_area.std()) < 0.01
+    assert area.min() >= 0.015 and area.max() <= 0.36
+    aspect, ref_aspect = (h / w)[erased].log(), (ref_h / ref_w)[ref_erased].log()
+    assert abs(aspect.mean() - ref_aspect.mean()) < 0.06 and abs(aspect.std() - ref_aspect.std()) < 0.06
+
+
+def test_random_erasing_equals_torchvision_erase_of_the_same_boxes():
+    step = v2.RandomErasing(p=0.5, value=0.0)
+    images = torch.randn(32, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+    out = random_erasing(images, step, torch.Generator().manual_seed(4))
+    boxes = erasing_boxes(32, 16, 20, step, torch.Generator().manual_seed(4))
+    reference = torch.stack([F.erase(image, *box.tolist(), v=torch.zeros(3, 1, 1)) for image, box in zip(images, boxes)])
+    assert torch.equal(out, reference) and 5 < (boxes[:, 2] > 0).sum() < 27
+
+
+def test_device_pipeline_erases_after_normalisation():
+    train_recipe, _ = build_transforms("none", 16, [], MEAN, STD, settings=Augmentation(random_erasing=1.0))
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    out = BatchTransform(train_recipe)(images, torch.Generator().manual_seed(0))
+    plain = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    blank = (out == 0).all(dim=1)
+    assert blank.flatten(1).any(dim=1).all()  # one rectangle in every image, at the mean colour
+    torch.testing.assert_close(out.permute(0, 2, 3, 1)[~blank], plain.permute(0, 2, 3, 1)[~blank], rtol=0, atol=1e-5)
 
 
 def test_epoch_order_shards_without_overlap_and_depends_on_the_epoch_seed():

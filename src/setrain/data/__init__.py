@@ -9,6 +9,7 @@ files) and its `classes`, where it has them, name the labels.
 """
 
 import inspect
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from setrain.data.folders import build_folder, build_imagenet
-from setrain.data.on_device import DeviceBatches
+from setrain.data.on_device import DeviceBatches, unbatched_steps
+from setrain.data.sampling import RepeatedAugmentSampler
 from setrain.data.shapes import build_shapes
 from setrain.data.torchvision_sets import build_cifar10, build_cifar100, build_stl10
 from setrain.errors import SetrainError
@@ -31,9 +33,11 @@ DATASETS = {
     "folder": build_folder,
 }
 
-LOADER_KEYS = ("name", "batch_size", "num_workers", "pipeline", "decode")
+LOADER_KEYS = ("name", "batch_size", "num_workers", "pipeline", "decode", "repeated_augment")
 PIPELINES = ("auto", "workers", "device")
 DECODERS = ("device", "workers")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,8 +59,8 @@ class DataBundle:
         self.shuffle_generator.manual_seed(epoch_seed + self.rank)  # workers' augmentation seeds
         if isinstance(self.train_loader, DeviceBatches):
             self.train_loader.set_epoch(epoch_seed)
-        elif isinstance(self.train_loader.sampler, DistributedSampler):
-            self.train_loader.sampler.set_epoch(epoch_seed)  # it shuffles with its seed (0) + this
+        elif isinstance(self.train_loader.sampler, (DistributedSampler, RepeatedAugmentSampler)):
+            self.train_loader.sampler.set_epoch(epoch_seed)  # DistributedSampler adds its seed (0)
 
     def train_batches(self, start: int = 0) -> Iterator:
         """The current epoch's training batches from batch `start` on. Workers load the batches
@@ -78,7 +82,9 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
     count each validation image exactly once.
 
     `data.pipeline`: `workers` decode and augment each image in DataLoader processes; `device`
-    does it for whole batches on the training device (on_device.py); `auto` is `device` on CUDA.
+    does it for whole batches on the training device (on_device.py); `auto` is `device` on CUDA,
+    unless the recipe has a step the device has no batched form for (a policy): then `workers`,
+    said in the log. `data.repeated_augment=k` samples each image k times per epoch (sampling.py).
     Workers decode and augment; on CUDA, batches go to pinned memory for asynchronous copies.
     Workers are persistent only on CUDA. On the CPU, fresh workers each epoch draw their seeds
     from the generator the trainer reseeds per epoch, which keeps augmentation, and so a resumed
@@ -110,8 +116,11 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
     pipeline = data_cfg.get("pipeline", "auto")
     if pipeline not in PIPELINES:
         raise SetrainError(f"data.pipeline={pipeline!r} is not known; use auto, workers or device.")
-    if pipeline == "auto":
-        pipeline = "device" if device.type == "cuda" else "workers"
+    repeats = data_cfg.get("repeated_augment", 1)
+    if repeats < 1:
+        raise SetrainError(
+            f"data.repeated_augment={repeats} must be 1 (off) or more: the copies of each image per epoch, e.g. 3."
+        )
     decode = data_cfg.get("decode", "device")
     if decode not in DECODERS:
         raise SetrainError(f"data.decode={decode!r} is not known; use device (nvJPEG on CUDA) or workers (libjpeg-turbo).")
@@ -129,8 +138,8 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
             "a larger data.val_fraction for folder)."
         )
     generator = torch.Generator()
-    if pipeline == "device":
-        train_loader = DeviceBatches(train_set, batch_size, device, True, num_workers, rank, world_size, decode)
+    if _resolve_pipeline(pipeline, device, train_set, data_cfg) == "device":
+        train_loader = DeviceBatches(train_set, batch_size, device, True, num_workers, rank, world_size, decode, repeats)
         val_loader = DeviceBatches(val_set, batch_size, device, False, num_workers, rank, world_size, decode)
         return _bundle(train_loader, val_loader, val_set, num_classes, generator, rank)
     on_cuda = device.type == "cuda"
@@ -140,15 +149,39 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
         pin_memory=on_cuda,
         persistent_workers=on_cuda and num_workers > 0,
     )
-    # Full batches only in training: a last batch of one image would break BatchNorm.
-    if world_size > 1:
+    sampler = None  # the DataLoader's own shuffle, from `generator`
+    if repeats > 1:
+        sampler = RepeatedAugmentSampler(len(train_set), repeats, rank, world_size)
+    elif world_size > 1:
         sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, drop_last=True)
-        train_loader = DataLoader(train_set, sampler=sampler, drop_last=True, generator=generator, **loader_options)
+    # Full batches only in training: a last batch of one image would break BatchNorm.
+    train_loader = DataLoader(
+        train_set, sampler=sampler, shuffle=sampler is None, drop_last=True, generator=generator, **loader_options
+    )
+    if world_size > 1:
         val_set = Subset(val_set, range(rank, len(val_set), world_size))
-    else:
-        train_loader = DataLoader(train_set, shuffle=True, drop_last=True, generator=generator, **loader_options)
     val_loader = DataLoader(val_set, shuffle=False, **loader_options)
     return _bundle(train_loader, val_loader, val_set, num_classes, generator, rank)
+
+
+def _resolve_pipeline(pipeline: str, device: torch.device, train_set, data_cfg: dict) -> str:
+    """`auto` is `device` on CUDA when the device has a batched form of every training step, and
+    otherwise `workers`, said in one log line; an explicit `device` is refused by BatchTransform."""
+    if pipeline != "auto":
+        return pipeline
+    if device.type != "cuda":
+        return "workers"
+    while isinstance(train_set, Subset):
+        train_set = train_set.dataset
+    unsupported = unbatched_steps(train_set.transform)
+    if unsupported:
+        log.info(
+            "data.pipeline=auto: data.augment=%s runs %s per image, which the device pipeline has no "
+            "batched form for; loading with workers instead (data.num_workers=%d).",
+            data_cfg.get("augment"), ", ".join(unsupported), data_cfg["num_workers"],
+        )  # fmt: skip
+        return "workers"
+    return "device"
 
 
 def _bundle(train_loader, val_loader, val_set, num_classes: int, generator, rank: int) -> DataBundle:

@@ -17,8 +17,9 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
 from torchvision.datasets.utils import check_integrity
+from torchvision.transforms import v2
 
-from setrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, resize_centre_crop
+from setrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augmentation, build_transforms, resize_centre_crop
 from setrain.errors import SetrainError
 
 
@@ -109,11 +110,13 @@ def split_off_val(train: datasets.ImageFolder, val_transform, val_fraction: floa
     return train_part, Subset(val, val_part.indices)
 
 
-def _transforms(augment: str, image_size: int, val_image_size: int | None, crop_fraction: float):
-    """Train transform at image_size; val resized and centre-cropped to val_image_size (or image_size)."""
+def _transforms(augment: str, image_size: int, val_image_size: int | None, crop_fraction: float, *policy_settings):
+    """Train transform at image_size; val resized and centre-cropped to val_image_size (or image_size).
+    A policy follows the random-size crop and flip, with ImageNet's AutoAugment policy."""
     base = resize_centre_crop(image_size, crop_fraction)
     val_base = resize_centre_crop(val_image_size or image_size, crop_fraction)
-    return build_transforms(augment, image_size, base, IMAGENET_MEAN, IMAGENET_STD, val_base)
+    settings = Augmentation("imagenet", v2.AutoAugmentPolicy.IMAGENET, *policy_settings)
+    return build_transforms(augment, image_size, base, IMAGENET_MEAN, IMAGENET_STD, val_base, settings)
 
 
 def build_folder(
@@ -124,11 +127,16 @@ def build_folder(
     augment: str = "imagenet",
     val_fraction: float = 0.0,
     seed: int = 0,
+    randaugment_n: int = 2,
+    randaugment_m: int = 9,
+    random_erasing: float = 0.0,
 ) -> tuple[Dataset, Dataset, int]:
     """Any tree root/train/<class>/<image> with root/val/<class>/<image>, or val_fraction of train/."""
     root = Path(root).absolute()
     _check_root(root, "Dataset")
-    train_transform, val_transform = _transforms(augment, image_size, val_image_size, crop_fraction)
+    train_transform, val_transform = _transforms(
+        augment, image_size, val_image_size, crop_fraction, randaugment_n, randaugment_m, random_erasing
+    )
     train = image_folder(root / "train", train_transform)
     has_val = (root / "val").is_dir()
     if val_fraction and has_val:
@@ -209,6 +217,9 @@ def build_imagenet(
     val_image_size: int | None = None,
     crop_fraction: float = 0.875,
     augment: str = "imagenet",
+    randaugment_n: int = 2,
+    randaugment_m: int = 9,
+    random_erasing: float = 0.0,
 ) -> tuple[Dataset, Dataset, int]:
     """ILSVRC-2012: train/<wnid>/ and val/ either sorted into <wnid>/ folders or flat, as extracted,
     labelled by the devkit (ILSVRC2012_devkit_t12.tar.gz or torchvision's meta.bin) in root."""
@@ -219,7 +230,9 @@ def build_imagenet(
             f"{root} has no train/ folder; extract ILSVRC2012_img_train.tar into {root / 'train'} and "
             "each class's .tar inside it into train/<wnid>/."
         )
-    train_transform, val_transform = _transforms(augment, image_size, val_image_size, crop_fraction)
+    train_transform, val_transform = _transforms(
+        augment, image_size, val_image_size, crop_fraction, randaugment_n, randaugment_m, random_erasing
+    )
     train = image_folder(root / "train", train_transform)
     val_folder = root / "val"
     if not val_folder.is_dir():

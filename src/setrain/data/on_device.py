@@ -5,8 +5,10 @@ Array datasets (CIFAR, STL10, shapes) live on the device as uint8 and are indexe
 folders are read as bytes by workers and decoded in batches on the device (nvJPEG on CUDA), with
 the CPU (PIL) for what nvJPEG cannot read. The augmentation is the dataset's own torchvision v2
 recipe (transforms.py) run on a whole batch, with random draws from a generator seeded by
-(epoch seed, rank, batch): a rerun or a resumed run sees the same crops whatever the timing. A
-background thread prepares the next batches (on a side CUDA stream) while the model trains.
+(epoch seed, rank, batch): a rerun or a resumed run sees the same crops and erasures whatever the
+timing. The policies have no batched form here (`unbatched_steps`): `data.pipeline=auto` loads
+them with workers instead. A background thread prepares the next batches (on a side CUDA stream)
+while the model trains.
 """
 
 import queue
@@ -24,28 +26,48 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from setrain.data.sampling import repeated_order
 from setrain.errors import SetrainError
 
 PREFETCH_BATCHES = 3
 
 
+GEOMETRY = (v2.Resize, v2.CenterCrop, v2.RandomResizedCrop, v2.RandomCrop, v2.RandomHorizontalFlip)
+
+
+def recipe_steps(recipe: v2.Compose) -> tuple[list, v2.RandomErasing | None]:
+    """A recipe's steps up to Normalize, and its RandomErasing after Normalize, if any."""
+    steps = [step for step in recipe.transforms if not isinstance(step, (v2.ToImage, v2.ToDtype))]
+    erasing = steps.pop() if steps and isinstance(steps[-1], v2.RandomErasing) else None
+    return steps, erasing
+
+
+def unbatched_steps(recipe: v2.Compose) -> list[str]:
+    """What of a recipe BatchTransform has no batched form for. The policies (RandAugment,
+    TrivialAugmentWide, AutoAugment) are among them: torchvision draws their operations from
+    torch's global generator, which the prefetch thread cannot seed without racing the training
+    loop's draws (MixUp, dropout), so on the device they would be neither seeded nor cheap."""
+    steps, _ = recipe_steps(recipe)
+    unsupported = [type(step).__name__ for step in steps if not isinstance(step, (*GEOMETRY, v2.Normalize))]
+    return unsupported or ([] if steps and isinstance(steps[-1], v2.Normalize) else ["without Normalize"])
+
+
 class BatchTransform:
-    """A v2 recipe (ToImage, geometric steps, ToDtype, Normalize) applied to a batch at once.
+    """A v2 recipe (ToImage, geometric steps, ToDtype, Normalize, RandomErasing) applied to a batch
+    at once.
 
     Images may arrive as a list of differently sized (C, H, W) uint8 tensors (decoded files):
     steps run per image until one makes them one size, then on the stacked batch.
     """
 
-    GEOMETRY = (v2.Resize, v2.CenterCrop, v2.RandomResizedCrop, v2.RandomCrop, v2.RandomHorizontalFlip)
-
     def __init__(self, recipe: v2.Compose):
-        steps = [step for step in recipe.transforms if not isinstance(step, (v2.ToImage, v2.ToDtype))]
-        unsupported = [type(step).__name__ for step in steps if not isinstance(step, (*self.GEOMETRY, v2.Normalize))]
-        if unsupported or not isinstance(steps[-1], v2.Normalize):
+        unsupported = unbatched_steps(recipe)
+        if unsupported:
             raise SetrainError(
-                f"data.pipeline=device cannot run the transform(s) {', '.join(unsupported) or 'without Normalize'} "
-                "on the device; use data.pipeline=workers."
+                f"data.pipeline=device cannot run the transform(s) {', '.join(unsupported)} on the device; "
+                "use data.pipeline=workers (or auto, which switches to it)."
             )
+        steps, self.erasing = recipe_steps(recipe)
         self.steps, normalize = steps[:-1], steps[-1]
         self.mean = torch.tensor(normalize.mean).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(normalize.std).view(1, -1, 1, 1) * 255
@@ -64,7 +86,8 @@ class BatchTransform:
                 images = _stack(images)
                 images = torch.where(flips.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
         images = _stack(images).float()
-        return (images - self.mean.to(images.device)) / self.std.to(images.device)
+        images = (images - self.mean.to(images.device)) / self.std.to(images.device)
+        return images if self.erasing is None else random_erasing(images, self.erasing, generator)
 
 
 def _stack(images: Tensor | list[Tensor]) -> Tensor:
@@ -125,6 +148,40 @@ def random_resized_crop(images: Tensor | list[Tensor], step, generator) -> Tenso
     return out
 
 
+def erasing_boxes(n: int, height: int, width: int, step: v2.RandomErasing, generator: torch.Generator) -> Tensor:
+    """(N, 4) boxes (top, left, height, width) drawn as torchvision's RandomErasing draws one: with
+    probability p, up to 10 tries of area and aspect, the first that fits; 0 x 0 for an image
+    left whole."""
+    tries = 10
+    erase = torch.rand(n, generator=generator) < step.p
+    area = height * width * torch.empty(n, tries, dtype=torch.float64).uniform_(*step.scale, generator=generator)
+    log_ratio = torch.log(torch.tensor(step.ratio, dtype=torch.float64))
+    aspect = torch.exp(torch.empty(n, tries, dtype=torch.float64).uniform_(*log_ratio, generator=generator))
+    h = torch.sqrt(area * aspect).round().long()
+    w = torch.sqrt(area / aspect).round().long()
+    fits = (h < height) & (w < width)
+    first = fits.long().argmax(dim=1)
+    found = fits.any(dim=1) & erase
+    h = torch.where(found, h.gather(1, first[:, None])[:, 0], 0)
+    w = torch.where(found, w.gather(1, first[:, None])[:, 0], 0)
+    top = (torch.rand(n, generator=generator) * (height - h + 1)).long()
+    left = (torch.rand(n, generator=generator) * (width - w + 1)).long()
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def random_erasing(images: Tensor, step: v2.RandomErasing, generator: torch.Generator) -> Tensor:
+    """Each image's rectangle of `erasing_boxes` set to step.value (0: the mean, after Normalize)."""
+    n, channels, height, width = images.shape
+    top, left, h, w = erasing_boxes(n, height, width, step, generator).to(images.device).unbind(1)
+    rows = torch.arange(height, device=images.device)
+    cols = torch.arange(width, device=images.device)
+    inside_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])
+    inside_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])
+    inside = inside_rows[:, None, :, None] & inside_cols[:, None, None, :]
+    value = torch.tensor(step.value, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return torch.where(inside, value.expand(1, channels, 1, 1), images)
+
+
 def random_crop(images: Tensor, step: v2.RandomCrop, generator: torch.Generator) -> Tensor:
     """Pad the batch, then one gather takes each image's own random crop of step.size."""
     if step.padding is not None:
@@ -141,14 +198,15 @@ def random_crop(images: Tensor, step: v2.RandomCrop, generator: torch.Generator)
     return images[batch, channels, rows, cols]
 
 
-def epoch_order(size: int, batch_size: int, epoch_seed: int | None, rank: int, world_size: int) -> list[Tensor]:
-    """This process's index batches of an epoch: shuffled by `epoch_seed` and only full batches
-    (training), or in order with a last partial batch (None: validation); under torchrun every
-    world_size-th index, so each sample is seen once across processes."""
+def epoch_order(size: int, batch_size: int, epoch_seed: int | None, rank: int, world_size: int,
+                repeats: int = 1) -> list[Tensor]:  # fmt: skip
+    """This process's index batches of an epoch: shuffled by `epoch_seed` (each index `repeats`
+    times, sampling.repeated_order) and only full batches (training), or in order with a last
+    partial batch (None: validation); under torchrun every world_size-th index, so each sample
+    (each repeat) is seen once across processes."""
     if epoch_seed is None:
         return list(torch.arange(rank, size, world_size).split(batch_size))
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(epoch_seed))
-    order = order[: size // world_size * world_size][rank::world_size]
+    order = repeated_order(size, repeats, epoch_seed, rank, world_size)
     full = len(order) // batch_size * batch_size
     return list(order[:full].split(batch_size))
 
@@ -226,9 +284,10 @@ class DeviceBatches:
     and `batches(start)` that begins an epoch at a batch without preparing the ones before."""
 
     def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, train: bool,
-                 num_workers: int = 0, rank: int = 0, world_size: int = 1, decode: str = "device"):  # fmt: skip
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1, decode: str = "device",
+                 repeats: int = 1):  # fmt: skip
         self.device, self.train, self.rank, self.world_size = device, train, rank, world_size
-        self.batch_size, self.epoch_seed = batch_size, 0
+        self.batch_size, self.epoch_seed, self.repeats = batch_size, 0, repeats
         inner, indices = _unwrap(dataset)
         self.transform = BatchTransform(inner.transform)
         self.files = hasattr(inner, "samples")
@@ -250,7 +309,7 @@ class DeviceBatches:
 
     def _order(self) -> list[Tensor]:
         seed = self.epoch_seed if self.train else None
-        return epoch_order(self.size, self.batch_size, seed, self.rank, self.world_size)
+        return epoch_order(self.size, self.batch_size, seed, self.rank, self.world_size, self.repeats)
 
     def __len__(self) -> int:
         return len(self._order())

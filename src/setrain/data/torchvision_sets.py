@@ -8,7 +8,7 @@ parsing them, and a file that does not parse gets a clear error. Without the md5
 untrusted input, like a checkpoint: CIFAR's pickled batches are read by an unpickler that only
 rebuilds arrays (files.DataOnlyUnpickler), so a crafted one is refused instead of running code.
 Each subclass also carries what one shared builder needs: its name, native image size,
-training-set mean/std and split arguments.
+training-set mean/std, AutoAugment policy and split arguments.
 """
 
 import pickle
@@ -21,7 +21,9 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.datasets import cifar
 
-from setrain.data.transforms import build_transforms, resize_to
+from torchvision.transforms.v2 import AutoAugmentPolicy
+
+from setrain.data.transforms import Augmentation, build_transforms, resize_to
 from setrain.errors import SetrainError
 from setrain.files import CodeInPickle, load_data_pickle
 
@@ -38,6 +40,7 @@ class CIFAR10Files(datasets.CIFAR10):
     meta = {**datasets.CIFAR10.meta, "md5": None}
     description, native_size = "CIFAR-10", 32
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    autoaugment_policy = AutoAugmentPolicy.CIFAR10
     split_arguments = {"train": True}, {"train": False}
 
 
@@ -49,6 +52,7 @@ class CIFAR100Files(datasets.CIFAR100):
     meta = {**datasets.CIFAR100.meta, "md5": None}
     description, native_size = "CIFAR-100", 32
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    autoaugment_policy = AutoAugmentPolicy.CIFAR10  # the AutoAugment paper's choice for CIFAR-100
     split_arguments = {"train": True}, {"train": False}
 
 
@@ -61,6 +65,7 @@ class STL10Files(datasets.STL10):
     classes = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
     description, native_size = "STL10", 96
     mean, std = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
+    autoaugment_policy = AutoAugmentPolicy.IMAGENET  # photos of ImageNet's kind, not tiny images
     split_arguments = {"split": "train"}, {"split": "test"}
 
 
@@ -118,14 +123,16 @@ def _load(dataset_class, root: Path, download: bool, description: str, **kwargs)
     return dataset
 
 
-def _build(dataset_class, root: str, download: bool, image_size: int, augment: str):
-    """Train and val sets of one official-file dataset; only the training split downloads."""
+def _build(dataset_class, root: str, download: bool, image_size: int, augment: str, *policy_settings):
+    """Train and val sets of one official-file dataset; only the training split downloads.
+    A policy follows the CIFAR crop and flip, as do these datasets' own recipes."""
     train_transform, val_transform = build_transforms(
         augment,
         image_size,
         resize_to(image_size, dataset_class.native_size),
         dataset_class.mean,
         dataset_class.std,
+        settings=Augmentation("cifar", dataset_class.autoaugment_policy, *policy_settings),
     )
     root, description = Path(root).absolute(), dataset_class.description
     train_split, val_split = dataset_class.split_arguments
@@ -135,24 +142,42 @@ def _build(dataset_class, root: str, download: bool, image_size: int, augment: s
 
 
 def build_cifar10(
-    root: str = "datasets", download: bool = False, image_size: int = 32, augment: str = "cifar"
+    root: str = "datasets",
+    download: bool = False,
+    image_size: int = 32,
+    augment: str = "cifar",
+    randaugment_n: int = 2,
+    randaugment_m: int = 9,
+    random_erasing: float = 0.0,
 ) -> tuple[Dataset, Dataset, int]:
     """CIFAR-10: 50,000 training and 10,000 test images of 32 px in 10 classes."""
-    return _build(CIFAR10Files, root, download, image_size, augment)
+    return _build(CIFAR10Files, root, download, image_size, augment, randaugment_n, randaugment_m, random_erasing)
 
 
 def build_cifar100(
-    root: str = "datasets", download: bool = False, image_size: int = 32, augment: str = "cifar"
+    root: str = "datasets",
+    download: bool = False,
+    image_size: int = 32,
+    augment: str = "cifar",
+    randaugment_n: int = 2,
+    randaugment_m: int = 9,
+    random_erasing: float = 0.0,
 ) -> tuple[Dataset, Dataset, int]:
     """CIFAR-100: the same images and loader as CIFAR-10, with 100 fine-grained classes."""
-    return _build(CIFAR100Files, root, download, image_size, augment)
+    return _build(CIFAR100Files, root, download, image_size, augment, randaugment_n, randaugment_m, random_erasing)
 
 
 def build_stl10(
-    root: str = "datasets", download: bool = False, image_size: int = 96, augment: str = "cifar"
+    root: str = "datasets",
+    download: bool = False,
+    image_size: int = 96,
+    augment: str = "cifar",
+    randaugment_n: int = 2,
+    randaugment_m: int = 9,
+    random_erasing: float = 0.0,
 ) -> tuple[Dataset, Dataset, int]:
     """STL10's labelled train (5,000) and test (8,000) splits at 96 px, optionally resized.
 
     The unlabelled split (100,000 images) is not loaded: training here is supervised.
     """
-    return _build(STL10Files, root, download, image_size, augment)
+    return _build(STL10Files, root, download, image_size, augment, randaugment_n, randaugment_m, random_erasing)
