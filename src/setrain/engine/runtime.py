@@ -3,6 +3,8 @@ malloc's settings on the CPU, and the random states a checkpoint keeps."""
 
 import ctypes
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -26,8 +28,19 @@ def resolve_device(name: str) -> torch.device:
     raise SetrainError(f"trainer.device={name!r} is not supported; use auto, cpu or cuda.")
 
 
-# glibc's mallopt parameters (malloc.h); -1 as the trim threshold turns trimming off (mallopt(3)).
+# glibc's mallopt parameters (malloc.h) and their default values (mallopt(3)); -1 as the trim
+# threshold turns trimming off.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+def _mallopt(trim_threshold: int, mmap_max: int) -> bool:
+    """Set glibc's trim threshold and mmap count; False where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS), no CDLL(None) (Windows)
+        return False
+    return bool(mallopt(M_MMAP_MAX, mmap_max)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
 def keep_freed_memory() -> bool:
@@ -35,16 +48,24 @@ def keep_freed_memory() -> bool:
 
     A training step frees and allocates every feature map again. By default glibc serves large
     blocks with fresh mmap pages and trims the heap, so each step takes thousands of page faults
-    that zero the memory before use: 4-9% of an SE-ResNet-50 step at 96 px on 2 cores, more at
-    224 px (docs/benchmarks.md, Page faults). torch's caching allocator does the same on CUDA.
-    The process keeps its peak memory, and the setting lasts until it exits. Returns False where
-    the C library is not glibc (nothing is changed there).
+    that zero the memory before use (docs/benchmarks.md, Page faults). torch's caching allocator
+    does the same on CUDA. The process keeps its peak memory while the setting lasts. Returns
+    False where the C library is not glibc (nothing is changed there).
     """
+    return _mallopt(-1, 0)
+
+
+@contextmanager
+def freed_memory_kept(enabled: bool) -> Iterator[None]:
+    """keep_freed_memory() for one run: malloc's defaults come back when it ends, so a later job
+    of a sweep in the same process (Hydra's basic launcher) starts as it was asked to."""
+    if not enabled or not keep_freed_memory():
+        yield
+        return
     try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # no mallopt (macOS), no CDLL(None) (Windows)
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
+        yield
+    finally:
+        _mallopt(DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX)
 
 
 def rng_states() -> dict:
