@@ -170,6 +170,11 @@ CASES = {
         Case("truncated STL10 binary", ["data=stl10"], "test_data.py::test_truncated_stl10_file_is_a_clear_error", setup=then(write("datasets", write_stl10), truncate("datasets/stl10_binary/train_X.bin", 0.9))),
         Case("labels outside the classes", ["data=stl10"], "test_reliability.py::test_labels_outside_the_classes_are_refused", setup=then(write("datasets", write_stl10), lambda root: (root / "datasets/stl10_binary/train_y.bin").write_bytes(bytes([1, 11] * 10)))),
         Case("dataset smaller than one batch", ["data=cifar10", "data.batch_size=64"], "test_data.py::test_file_dataset_smaller_than_one_batch_names_its_root", setup=write("datasets", write_cifar10)),
+        Case("augmentation policy on the device pipeline (which has no seeded batched form of it)", ["data=cifar10", "data.augment=autoaugment", "data.pipeline=device"], "test_transforms.py::test_a_policy_on_the_device_pipeline_is_refused_through_the_cli", setup=write("datasets", write_cifar10), hidden=["data.batch_size=8"]),
+        Case("RandAugment magnitude above 30", ["data=cifar10", "data.augment=randaugment", "data.randaugment_m=31"], "test_transforms.py::test_bad_augmentation_settings_are_one_sentence", setup=write("datasets", write_cifar10), hidden=["data.batch_size=8"]),
+        Case("RandAugment settings with another recipe (they would do nothing)", ["data=cifar10", "data.randaugment_n=3"], "test_transforms.py::test_bad_augmentation_settings_are_one_sentence", setup=write("datasets", write_cifar10), hidden=["data.batch_size=8"]),
+        Case("random erasing probability above 1", ["data=cifar10", "data.random_erasing=1.5"], "test_transforms.py::test_bad_augmentation_settings_are_one_sentence", setup=write("datasets", write_cifar10), hidden=["data.batch_size=8"]),
+        Case("zero repeats of repeated augmentation", ["data.repeated_augment=0"], "test_transforms.py::test_bad_augmentation_settings_are_one_sentence", hidden=TINY),
     ],
     "Checkpoints": [
         Case("missing file", ["resume=missing.pt"], "test_engine.py::test_user_errors_are_one_clear_sentence"),
