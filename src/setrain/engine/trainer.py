@@ -35,6 +35,7 @@ from setrain.engine.distributed import (
     sum_across,
 )
 from setrain.engine.loop import EpochTotals, StepSettings, evaluate, train_steps
+from setrain.engine.metrics_csv import write_epoch_row
 from setrain.engine.optim import build_optimizer, build_scheduler, continue_schedule
 from setrain.engine.rundir import check_same_run
 from setrain.engine.runtime import (
@@ -374,7 +375,8 @@ def _end_epoch(run: Run, epoch: int, train_metrics: dict, val_metrics: dict) -> 
     metrics = {"epoch": epoch, "lr": lr, **{f"train_{key}": value for key, value in train_metrics.items()}, **val_record}
     is_best = state.end_epoch(epoch, metrics, val_record)
     checkpoint = run.checkpoint(None)
-    if run.processes.is_main:  # best.pt first: if it cannot be written, the resume redoes this epoch
+    if run.processes.is_main:  # metrics.csv, then best.pt: if either is not written, the resume redoes this epoch
+        write_epoch_row(run.run_dir / "metrics.csv", {"epoch": epoch, "step": state.global_step, **metrics})
         if is_best:
             save_checkpoint(checkpoint, run.checkpoint_dir / "best.pt")
         save_checkpoint(checkpoint, run.checkpoint_dir / "last.pt")
