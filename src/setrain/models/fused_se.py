@@ -55,6 +55,15 @@ def takes_fused_path(fused, x: Tensor, bn: nn.Module) -> bool:
     return fused
 
 
+def unfuse(model: nn.Module) -> nn.Module:
+    """`model` with every block on its unfused forward, the plain torch ops that exporters and
+    other runtimes read (setrain.export); same parameters, same function."""
+    for module in model.modules():
+        if hasattr(module, "fused"):
+            module.fused = False
+    return model
+
+
 def se_residual_tail(x: Tensor, identity: Tensor, bn: nn.BatchNorm2d, se: nn.Module) -> Tensor:
     """relu(se(bn(x)) + identity) in few passes; `bn`'s running statistics are updated as BN's
     own forward updates them, and gradients reach the same parameters."""

@@ -1,0 +1,173 @@
+"""`python -m setrain.export`: ONNX and torch.export files that compute what the trained model does."""
+
+import json
+import sys
+
+import onnxruntime
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from conftest import TINY, assert_user_error, compose_config, run_module, write_checkpoint
+from setrain.data import build_data
+from setrain.data.folders import load_rgb
+from setrain.data.shapes import CLASSES
+from setrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from setrain.errors import SetrainError
+from setrain.export import export_checkpoint, preprocessing
+from setrain.models import build_model, list_models
+from setrain.testing import write_image_folder
+
+CPU = torch.device("cpu")
+
+
+def export_config(*overrides: str):
+    return compose_config(*overrides, config_name="export")
+
+
+def trained_outputs(state: dict, weights: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's validation images and the logits of its model as trained (fused where it was), in batches."""
+    model = build_model(state["config"]["model"], 10).eval()
+    model.load_state_dict(state[weights])
+    data = build_data(state["config"]["data"], CPU)
+    images = torch.cat([batch for batch, _ in data.val_loader])
+    with torch.inference_mode():
+        return images, model(images)
+
+
+def assert_exports_compute_the_model(out_dir, images: torch.Tensor, expected: torch.Tensor, formats) -> None:
+    """Each file, loaded as a deployer would, gives the model's logits on every validation image,
+    in one batch of all of them and image by image (the batch dimension is free)."""
+    tolerance = dict(rtol=1e-4, atol=1e-4)
+    if "onnx" in formats:
+        session = onnxruntime.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["image"]
+        (outputs,) = session.run(None, {"image": images.numpy()})
+        torch.testing.assert_close(torch.from_numpy(outputs), expected, **tolerance)
+        (single,) = session.run(None, {"image": images[:1].numpy()})
+        torch.testing.assert_close(torch.from_numpy(single), expected[:1], **tolerance)
+    if "pt2" in formats:
+        program = torch.export.load(out_dir / "model.pt2")
+        calls = [node.target for node in program.graph.nodes if node.op == "call_function"]
+        assert all(str(target).startswith("aten.") for target in calls), set(map(str, calls))  # plain ops
+        with torch.inference_mode():
+            torch.testing.assert_close(program.module()(images), expected, **tolerance)
+            torch.testing.assert_close(program.module()(images[:1]), expected[:1], **tolerance)
+
+
+def test_a_fused_compiled_run_exports_its_ema_weights_as_plain_ops(tmp_path):
+    torch.manual_seed(1)
+    ema = build_model(compose_config(*TINY).model, 10).state_dict()
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+    state = write_checkpoint(checkpoint, "model.se.fused=true", "trainer.compile=true", ema=ema)
+    description = export_checkpoint(export_config(f"checkpoint={checkpoint}"))
+
+    out_dir = tmp_path / "run" / "export"
+    assert sorted(path.name for path in out_dir.iterdir()) == ["model.json", "model.onnx", "model.pt2"]
+    assert json.loads((out_dir / "model.json").read_text()) == description
+    assert (description["weights"], description["model"], description["epoch"]) == ("ema", "se_resnet20", 1)
+    assert description["classes"] == list(CLASSES)
+    assert description["input"] == {"name": "image", "shape": ["batch", 3, 16, 16]}
+    assert description["output"] == {"name": "logits", "shape": ["batch", 10]}
+    recipe = description["preprocessing"]
+    assert (recipe["resize"], recipe["center_crop"], recipe["mean"], recipe["std"]) == (16, 16, [0.5] * 3, [0.5] * 3)
+    images, expected = trained_outputs(state, "ema")
+    assert len(images) == 32  # TINY's validation set
+    assert_exports_compute_the_model(out_dir, images, expected, ("onnx", "pt2"))
+
+
+def test_model_json_holds_what_turns_an_image_file_into_the_validation_input(tmp_path):
+    """A deployer following model.json (torchvision's functional ops here) gets the tensor the
+    validation transform makes, for photos of varied sizes resized and cropped like ImageNet."""
+    photos = write_image_folder(tmp_path / "val", ["cat", "dog"], per_class=3)
+    write_image_folder(tmp_path / "train", ["cat", "dog"], per_class=1)
+    cfg = compose_config("data=folder", f"data.root={tmp_path}", "data.image_size=24", "data.num_workers=0", "data.batch_size=2")
+    data = build_data(OmegaConf.to_container(cfg.data, resolve=True), CPU)
+    recipe = preprocessing(data.val_transform, 24)
+    assert (recipe["resize"], recipe["center_crop"]) == (round(24 / 0.875), 24)
+    assert (recipe["mean"], recipe["std"]) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
+    mean, std = torch.tensor(recipe["mean"])[:, None, None], torch.tensor(recipe["std"])[:, None, None]
+    for path in sorted(photos.rglob("*.*")):
+        image = F.pil_to_tensor(load_rgb(str(path)))
+        image = F.resize(image, [recipe["resize"]], InterpolationMode(recipe["interpolation"]), antialias=recipe["antialias"])
+        image = F.center_crop(image, [recipe["center_crop"]])
+        deployed = (image.float() * recipe["scale"] - mean) / std
+        torch.testing.assert_close(deployed, data.val_transform(load_rgb(str(path))), rtol=0, atol=1e-5)
+
+
+def test_se_mobilenet_exports_to_onnx(tmp_path):
+    """The other model family, through the ONNX path alone; every model: test_every_model_exports."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = write_checkpoint(checkpoint, "model=se_mobilenet_v1", "model.width_mult=0.25")
+    export_checkpoint(export_config(f"checkpoint={checkpoint}", "format=onnx"))
+    assert sorted(path.name for path in (tmp_path / "run" / "export").iterdir()) == ["model.json", "model.onnx"]
+    assert_exports_compute_the_model(tmp_path / "run" / "export", *trained_outputs(state, "model"), ("onnx",))
+
+
+def without_the_export_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` raises ImportError
+
+
+def test_without_the_export_extra_onnx_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+    write_checkpoint(checkpoint)
+    without_the_export_extra(monkeypatch)
+    with pytest.raises(SetrainError, match=r"needs the onnxscript package.*pip install 'setrain\[export\]'"):
+        export_checkpoint(export_config(f"checkpoint={checkpoint}", "format=both"))
+    assert not (tmp_path / "run" / "export").exists()
+
+
+@pytest.mark.slow
+def test_without_the_export_extra_pt2_still_exports(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+    state = write_checkpoint(checkpoint, "model=resnet20")
+    without_the_export_extra(monkeypatch)
+    export_checkpoint(export_config(f"checkpoint={checkpoint}", "format=pt2", f"output_dir={tmp_path / 'out'}"))
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["model.json", "model.pt2"]
+    assert_exports_compute_the_model(tmp_path / "out", *trained_outputs(state, "model"), ("pt2",))
+
+
+@pytest.mark.slow
+def test_export_cli_gives_the_runs_validation_accuracy_in_onnxruntime(trained_run, tmp_path):
+    result = run_module("setrain.export", f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing lands in the working directory
+    out_dir = trained_run / "export"
+    assert "model.onnx, model.pt2, model.json" in result.stdout
+    description = json.loads((out_dir / "model.json").read_text())
+    session = onnxruntime.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    data = build_data(state["config"]["data"], CPU)
+    hits = sum(
+        (session.run(None, {"image": images.numpy()})[0].argmax(axis=1) == labels.numpy()).sum()
+        for images, labels in data.val_loader
+    )
+    final = json.loads((trained_run / "results.json").read_text())["final"]
+    assert 100 * hits / len(data.val_loader.dataset) == pytest.approx(final["val_top1"])
+    assert description["weights"] == "model" and description["classes"] == list(CLASSES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["checkpoint=nope.pt"], "Checkpoint nope.pt does not exist; pass checkpoint=<run dir>/checkpoints/best.pt"),
+        (["checkpoint=x.pt", "format=tflite"], "format=tflite is not known; choose one of: onnx, pt2, both."),
+    ],
+)
+def test_export_cli_refuses_a_bad_checkpoint_or_format_in_one_line(tmp_path, overrides, message):
+    result = run_module("setrain.export", *overrides, cwd=tmp_path)
+    assert_user_error(result, f"setrain: error: {message}")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_exports(tmp_path, name):
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+    state = write_checkpoint(checkpoint, f"model={name}", "data.val_size=4", "data.batch_size=4")
+    export_checkpoint(export_config(f"checkpoint={checkpoint}"))
+    assert_exports_compute_the_model(tmp_path / "run" / "export", *trained_outputs(state, "model"), ("onnx", "pt2"))
