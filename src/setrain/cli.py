@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
 from setrain.engine import signals, train
+from setrain.engine.distributed import launched_rank, restarts_itself
 from setrain.engine.rundir import (
     RunDirBefore,
     before_run,
@@ -89,14 +90,20 @@ class ClaimRunDir(Callback):
     """
 
     def __init__(self):
-        # Under torchrun every process starts Hydra: rank 0 claims the run dir for all (trainer._join_run_dir).
-        self.claims = os.environ.get("RANK", "0") == "0"
         self.job_lock = None
+
+    @property
+    def claims(self) -> bool:
+        """Under torchrun or srun every process starts Hydra: rank 0 claims the run dir for all
+        (trainer._join_run_dir). Read when called: a SLURM job unpickles the callback in each task."""
+        return launched_rank() == 0
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         signals.record_stop_signals()
         with _exit_on_user_error():
             check_values_before_run(config)
+        if config.resume is None and restarts_itself():  # torchrun --max-restarts, a requeued SLURM job
+            config.resume = "auto"
         if self.claims:
             run_dir = Path(config.hydra.run.dir).absolute()
             run_dirs_before[""] = before_run(run_dir)
@@ -190,13 +197,15 @@ def run_training(cfg: DictConfig) -> float | None:
         return best
     except RunStopped as stopped:
         log.info("%s", stopped)
+        if stopped.requeue:
+            signals.requeue_job(launched_rank())
         if hydra_cfg.mode == RunMode.MULTIRUN:
             log.info("Run the same command again to continue the sweep in %s.", hydra_cfg.sweep.dir)
         sys.exit(stopped.exit_code)
     except SetrainError as error:
         report_user_error(error)
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 made the run dir (ClaimRunDir)
+        if launched_rank() == 0:  # under torchrun or srun, rank 0 made the run dir (ClaimRunDir)
             # A job dir that was not there when the sweep started was made by this job.
             undo_refused_run(run_dirs_before.get(run_dir.name if multirun else "") or new_run_dir(run_dir))
         if not multirun:

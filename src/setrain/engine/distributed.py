@@ -1,10 +1,15 @@
-"""DDP under torchrun: which process this is, and sums across processes.
+"""DDP under torchrun or srun: which process this is, and sums across processes.
 
-`torchrun --nproc_per_node=N train.py ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without them this
-is one process and every function here is a no-op, so the loop reads the same either way.
+`torchrun --nproc_per_node=N train.py ...` sets RANK, WORLD_SIZE and LOCAL_RANK; `srun` (a SLURM
+job of several tasks, e.g. through hydra/launcher=slurm) sets SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID and the job's node list, which `slurm_environment` turns into the same variables.
+Without either this is one process and every function here is a no-op, so the loop reads the
+same either way.
 """
 
 import os
+import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +32,46 @@ class Processes:
         return self.rank == 0
 
 
+def slurm_environment() -> dict[str, str]:
+    """torchrun's variables for a task that srun started, from SLURM's: rank 0 listens on the
+    job's first node, at MASTER_PORT or a port drawn from the job id (as submitit's
+    TorchDistributedEnvironment does), so the tasks of one job agree and jobs sharing a node do
+    not collide. Empty where torchrun set them, or where SLURM started a single task."""
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return {}
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"]),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(random.Random(env.get("SLURM_JOB_ID", "")).randint(20000, 60000)),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `gpu[03-04,07],cpu1` -> `gpu03`."""
+    prefix, ranges, suffix = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist).groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "") + suffix
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun or srun set it, known before the process group exists
+    (setrain.cli: rank 0 alone claims the run dir and requeues the job)."""
+    return int(os.environ.get("RANK") or slurm_environment().get("RANK", 0))
+
+
+def restarts_itself() -> bool:
+    """Whether this run may be its own restart, so that resume=auto is the right default: under
+    torchrun with --max-restarts, whose elastic agents start the whole group again after a failure
+    (the healthy nodes' agents without counting it in TORCHELASTIC_RESTART_COUNT, so only the limit
+    tells every process alike), or in a SLURM job requeued after a pre-emption (SLURM_RESTART_COUNT)."""
+    return any(int(os.environ.get(name) or 0) > 0 for name in ("TORCHELASTIC_MAX_RESTARTS", "SLURM_RESTART_COUNT"))
+
+
 def init_processes(device_type: str) -> Processes:
-    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); one process otherwise."""
+    """Join the process group torchrun or srun started (NCCL on GPUs, gloo on CPUs); one process otherwise."""
+    os.environ.update(slurm_environment())
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return Processes()
     if not dist.is_initialized():

@@ -1,4 +1,5 @@
-"""SIGTERM (cluster pre-emption, `scancel`) and SIGINT (Ctrl-C) end a run with a checkpoint.
+"""SIGTERM (cluster pre-emption, `scancel`), SIGINT (Ctrl-C) and SLURM's warning signal end a
+run with a checkpoint; after the warning signal the job is also requeued (`requeue_job`).
 
 The handler only records the signal; the trainer checks it after an optimizer step and after an
 epoch's checkpoint, saves, and stops. The record lasts as long as the process, so a signal that
@@ -7,11 +8,19 @@ still stops the sweep (setrain.cli). A second signal falls through to Python's d
 interrupts at once.
 """
 
+import logging
+import os
 import signal
+import subprocess
 import threading
 from contextlib import contextmanager
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+log = logging.getLogger(__name__)
+
+# What SLURM sends before a pre-emption or the time limit (`--signal=USR2@120`, which
+# hydra/launcher=slurm asks for through submitit; SUBMITIT_PREEMPT_SIGNAL names another).
+REQUEUE_SIGNAL = signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, REQUEUE_SIGNAL)
 _received: str | None = None  # the first stop signal this process got, e.g. "SIGTERM"
 
 
@@ -68,9 +77,29 @@ class RunStopped(Exception):
 
     def __init__(self, signal_name: str, message: str):
         super().__init__(message)
+        self.requeue = signal_name == REQUEUE_SIGNAL.name
         self.exit_code = exit_code(signal_name)
 
 
 def exit_code(signal_name: str) -> int:
     """What a shell reports for a process ended by `signal_name`: 128 + its number."""
     return 128 + signal.Signals[signal_name].value
+
+
+def requeue_job(rank: int) -> None:
+    """After the run saved on REQUEUE_SIGNAL, put its SLURM job back in the queue; it continues
+    from last.pt when it starts again (resume=auto: a sweep's job dir, SLURM_RESTART_COUNT).
+    Under submitit (hydra/launcher=slurm) its own handler does it: it calls the launcher's
+    checkpoint hook, runs `scontrol requeue` on rank 0 and exits. Without submitit (sbatch + srun)
+    rank 0 runs `scontrol requeue` itself. Outside SLURM nothing is requeued."""
+    handler = signal.getsignal(REQUEUE_SIGNAL)
+    if callable(handler) and handler is not _record:
+        handler(REQUEUE_SIGNAL, None)
+    elif rank == 0 and "SLURM_JOB_ID" in os.environ:
+        job = os.environ["SLURM_JOB_ID"]
+        try:
+            subprocess.run(["scontrol", "requeue", job], check=True, timeout=60, capture_output=True, text=True)
+        except (OSError, subprocess.SubprocessError) as error:
+            log.warning("Could not requeue SLURM job %s (%s); submit it again to continue.", job, error)
+            return
+        log.info("Requeued SLURM job %s; it continues from the checkpoint when it starts again.", job)
