@@ -2,10 +2,13 @@ import pytest
 import timm
 import torch
 import torchvision
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import REPO_ROOT
 from setrain.errors import SetrainError
-from setrain.models import SEBlock, create_model, is_se_model, list_models, plain_twin
+from setrain.models import SEBlock, build_model, create_model, is_se_model, list_models, plain_twin
 from setrain.models.resnet import BasicBlock
 
 DEPTHS = [18, 34, 50, 101, 152]
@@ -240,3 +243,20 @@ def test_every_model_takes_num_classes_and_in_chans(name):
     with torch.device("meta"):
         model = create_model(name, num_classes=3, in_chans=1)
         assert model(torch.empty(2, 1, 64, 64)).shape == (2, 3)
+
+
+def test_every_registered_model_has_its_config_and_every_config_names_its_model():
+    """`model=<name>` works for each name list_models() gives, and no config is left over."""
+    configs = {path.stem: OmegaConf.load(path).name for path in (REPO_ROOT / "configs" / "model").glob("*.yaml")}
+    assert sorted(configs) == list_models()
+    assert all(name == stem for stem, name in configs.items())
+
+
+@pytest.mark.slow
+def test_every_model_config_builds_its_model():
+    """No config passes an option its factory refuses (built on the meta device: no memory)."""
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        for name in list_models():
+            model_cfg = OmegaConf.to_container(compose("train", overrides=[f"model={name}"]).model, resolve=True)
+            with torch.device("meta"):
+                build_model(model_cfg, num_classes=10)
