@@ -93,11 +93,10 @@ def test_tensorboard_has_train_and_val_curves(tiny_config, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     train(tiny_config(), tmp_path)
-    events = EventAccumulator(str(tmp_path / "tb"))
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
-    assert {"loss/train", "loss/val", "top1/train", "top1/val", "top5/val", "lr"} <= tags
-    assert [event.step for event in events.Scalars("loss/val")] == [1, 2]
+    train_run, val_run = (EventAccumulator(str(tmp_path / "tb" / run)).Reload() for run in ("train", "val"))
+    assert {"loss/epoch", "accuracy/top1", "speed/images_per_s"} <= set(train_run.Tags()["scalars"])
+    assert {"loss/epoch", "accuracy/top1", "accuracy/top5", "accuracy/best_top1"} == set(val_run.Tags()["scalars"])
+    assert [event.step for event in val_run.Scalars("loss/epoch")] == [4, 8]  # optimizer steps: 4 an epoch
 
 
 @pytest.mark.slow

@@ -3,7 +3,11 @@ TensorBoard's scalars and hparams plugins read from a sweep's event files."""
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+from tensorboard.plugins.hparams import api_pb2
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
+from conftest import TINY, compose_config, run_cli, run_module
 from setrain.engine.rundir import job_dir_name, swept_keys
 
 
@@ -33,3 +37,59 @@ def test_keys_that_share_their_last_part_are_named_in_full():
 def test_every_path_below_a_job_dir_pastes_unquoted_into_a_command(override):
     checkpoint = f"outputs/multirun/2026-11-28/10-00-00/{job_dir_name(3, [override], [])}/checkpoints/best.pt"
     assert pasted(checkpoint) == checkpoint
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A real two-job reduction sweep of tiny runs, its output and its folder."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    result = run_cli("-m", *TINY, "trainer.epochs=1", "model.se.reduction=4,8", "optimizer.lr=0.05", "hydra.sweep.dir=r_sweep", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd, result.stdout
+
+
+@pytest.mark.slow
+def test_a_sweep_ends_with_one_summary_whose_paths_paste_into_the_next_command(sweep):
+    cwd, stdout = sweep
+    assert sorted(path.name for path in (cwd / "r_sweep").glob("*_*")) == ["0_reduction-4", "1_reduction-8"]
+    summary = stdout[stdout.index("Sweep r_sweep:"):].splitlines()
+    assert summary[0] == "Sweep r_sweep: 2 of 2 jobs finished."
+    best_job = summary[1].split(" in ")[1]
+    assert summary[2:] == [
+        "Compare the curves:  tensorboard --logdir r_sweep",
+        "Table and figures:   python scripts/sweep_report.py r_sweep",
+    ]
+    assert stdout.count(best_job) == 2  # once where the job starts, once in the summary
+    evaluated = run_module("setrain.evaluate", f"checkpoint={best_job}/checkpoints/best.pt", cwd=cwd)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert compose_config(*TINY, f"resume={best_job}/checkpoints/last.pt").resume == f"{best_job}/checkpoints/last.pt"
+
+
+@pytest.mark.slow
+def test_tensorboard_reads_the_sweep_as_one_table_led_by_the_swept_key(sweep):
+    """As TensorBoard's hparams plugin reads the event files: the experiment's columns with their
+    types, each session's values, and a curve behind every metric column."""
+    runs = EventMultiplexer().AddRunsFromDirectory(str(sweep[0] / "r_sweep")).Reload()
+    contents = runs.PluginRunToTagToContent("hparams")
+    assert sorted(contents) == ["0_reduction-4/tb", "1_reduction-8/tb"]
+    experiment = HParamsPluginData.FromString(contents["0_reduction-4/tb"]["_hparams_/experiment"]).experiment
+    columns = [(info.name, api_pb2.DataType.Name(info.type), info.differs) for info in experiment.hparam_infos]
+    assert columns == [
+        ("model.se.reduction", "DATA_TYPE_FLOAT64", True),  # the swept key first, a number
+        ("debug", "DATA_TYPE_STRING", False),
+        ("optimizer.lr", "DATA_TYPE_FLOAT64", False),
+        ("trainer.epochs", "DATA_TYPE_FLOAT64", False),
+        ("model.name", "DATA_TYPE_STRING", False),
+        ("data.name", "DATA_TYPE_STRING", False),
+    ]
+    for session, reduction in (("0_reduction-4/tb", 4), ("1_reduction-8/tb", 8)):
+        values = HParamsPluginData.FromString(contents[session]["_hparams_/session_start_info"]).session_start_info.hparams
+        assert values["model.se.reduction"].WhichOneof("kind") == "number_value"
+        assert values["model.se.reduction"].number_value == reduction and values["trainer.epochs"].number_value == 1
+        assert values["model.name"].string_value == "se_resnet20" and values["debug"].string_value == "tiny"
+        for metric in experiment.metric_infos:
+            assert metric.name.tag in runs.Runs()[f"{session}/{metric.name.group}"]["tensors"]  # scalars, as TensorBoard stores them
+    tags = {run: set(found["tensors"]) for run, found in runs.Runs().items()}
+    assert {"loss/epoch", "accuracy/top1"} <= tags["0_reduction-4/tb/train"] & tags["1_reduction-8/tb/val"]
+    curves = {tag for run, found in tags.items() if not run.endswith("/tb") for tag in found}  # tb/ holds gates, images
+    assert all(tag.startswith(("loss/", "accuracy/", "speed/", "optim/")) for tag in curves), curves

@@ -380,7 +380,7 @@ def _end_epoch(run: Run, epoch: int, train_metrics: dict, val_metrics: dict) -> 
         if is_best:
             save_checkpoint(checkpoint, run.checkpoint_dir / "best.pt")
         save_checkpoint(checkpoint, run.checkpoint_dir / "last.pt")
-    run.curves.epoch(epoch, lr, train_metrics, val_metrics, run.trainees.model, run.gate_images)
+    run.curves.epoch(state.global_step, state.best["val_top1"], train_metrics, val_metrics, run.trainees.model, run.gate_images)
     log.info(
         "epoch %d/%d  train loss %.3f top-1 %.1f%%  val loss %.3f top-1 %.1f%% top-5 %.1f%%%s  lr %.3g  %.0f img/s",
         epoch, trainer.epochs, train_metrics["loss"], train_metrics["top1"], val_metrics["loss"],
@@ -424,10 +424,7 @@ def _finish(run: Run, precision: str, stopped_early_at: int | None, run_time: fl
     }
     if run.processes.is_main:
         _write_results(results, run.run_dir / "results.json")
-        run.curves.finish(cfg, {
-            "best_val_top1": state.best["val_top1"], "final_val_top1": state.metrics["val_top1"],
-            "final_val_top5": state.metrics["val_top5"], "final_val_loss": state.metrics["val_loss"],
-        })  # fmt: skip
+        run.curves.finish(cfg)
     log.info(
         "Done: val top-1 %.2f%% (best %.2f%% at epoch %d) in %.0f s.",
         state.metrics["val_top1"], state.best["val_top1"], state.best["epoch"], results["run_time_s"],
