@@ -8,11 +8,12 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, compose_config, run_cli
 from setrain.data import build_data
 from setrain.data.sampling import repeated_order
 from setrain.errors import SetrainError
 from setrain.testing import write_cifar10, write_cifar100, write_image_folder, write_stl10
+from test_engine import resume_mid_epoch_and_compare
 
 CPU = torch.device("cpu")
 
@@ -174,3 +175,25 @@ def test_a_resumed_epoch_replays_policies_erasing_and_repeats(tmp_path):
     assert len(tail) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(epoch[2:], tail))
     data.set_epoch(seed=0, epoch=2)
     assert not torch.equal(next(data.train_batches())[0], epoch[0][0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["data.pipeline=workers", "data.augment=randaugment", "data.random_erasing=0.5", "data.repeated_augment=2"],
+        ["data.pipeline=device", "data.random_erasing=0.5", "data.repeated_augment=2"],
+    ],
+)
+def test_a_run_resumed_inside_an_epoch_ends_with_the_same_weights(tmp_path, monkeypatch, options):
+    """CIFAR files, by a worker or on the device, with erasing and repeats (and a policy): the
+    resumed run trains on the same augmented images as the uninterrupted one."""
+    write_cifar10(tmp_path / "datasets", train_per_batch=8)
+    cifar = [
+        "data=cifar10", f"data.root={tmp_path / 'datasets'}", "data.num_workers=1", "data.batch_size=8", *options,
+        "model=resnet20", "trainer.epochs=2", "trainer.checkpoint_every_n_steps=2", "trainer.device=cpu",
+    ]  # fmt: skip
+    interrupted = resume_mid_epoch_and_compare(
+        compose_config(*cifar), compose_config(*cifar, "resume=auto"), tmp_path, monkeypatch, step=4
+    )
+    assert (interrupted["epoch"], interrupted["epoch_progress"]["batches"]) == (0, 4)
