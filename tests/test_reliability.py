@@ -211,7 +211,7 @@ def test_values_of_every_kind_a_key_takes_pass():
         ({"batch_size": 0}, "data.batch_size=0 is too small: BatchNorm needs at least 2 images per batch to train; use 2 or more."),
         ({"batch_size": 1}, "data.batch_size=1 is too small"),
         ({"image_size": 4}, "data.image_size=4 is too small to draw shapes; use 16 or more."),
-        ({"val_split": 0.1}, "Dataset 'shapes' does not take the option(s) val_split; it takes: image_size, train_size, val_size, seed, batch_size, num_workers, pipeline, decode."),
+        ({"val_split": 0.1}, "Dataset 'shapes' does not take the option(s) val_split; it takes: image_size, train_size, val_size, seed, batch_size, num_workers, pipeline, decode, repeated_augment."),
     ],
 )  # fmt: skip
 def test_dataset_options_that_cannot_work_are_refused_before_loading(options, message):
