@@ -12,7 +12,10 @@ import setrain
 from conftest import TINY, run_cli
 from setrain.engine.metrics_csv import write_epoch_row
 from setrain.errors import SetrainError
-from test_fault_tolerance import LONG, start_cli, wait_for_step
+from test_fault_tolerance import start_cli, wait_for_step
+
+# 2 epochs of 8 steps, a checkpoint after each step: a run to kill inside its second epoch.
+KILLED = [*TINY, "data.train_size=128", "trainer.checkpoint_every_n_steps=1"]
 
 
 def read_rows(path) -> tuple[list[str], list[dict]]:
@@ -99,18 +102,22 @@ def test_a_file_that_is_not_ours_is_one_sentence_and_kept(tmp_path):
 @pytest.mark.slow
 def test_killed_mid_epoch_and_resumed_the_file_has_each_epoch_once(tmp_path):
     run_dir = tmp_path / "run"
-    process = start_cli(*LONG, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    wait_for_step(run_dir, "checkpoints/last.pt", 40, process)  # epoch 2 of 32 steps each
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
+    process = start_cli(*KILLED, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    try:
+        wait_for_step(run_dir, "checkpoints/last.pt", 10, process)  # inside epoch 2
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    assert process.returncode == -signal.SIGKILL
     before = (run_dir / "metrics.csv").read_text()
     assert [row["epoch"] for row in read_rows(run_dir / "metrics.csv")[1]] == ["1"]
 
-    resumed = run_cli(*LONG, "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    resumed = run_cli(*KILLED, "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed from" in resumed.stdout
     text = (run_dir / "metrics.csv").read_text()
     assert text.startswith(before)  # epoch 1's row as it was written before the kill
     _, rows = read_rows(run_dir / "metrics.csv")
-    assert [(row["epoch"], row["step"]) for row in rows] == [("1", "32"), ("2", "64")]
+    assert [(row["epoch"], row["step"]) for row in rows] == [("1", "8"), ("2", "16")]
     final = json.loads((run_dir / "results.json").read_text())["final"]
     assert {key: float(rows[-1][key]) for key in final} == final
