@@ -152,6 +152,21 @@ def test_repeated_copies_share_the_image_and_differ_in_augmentation(tmp_path, pi
         assert not torch.equal(augmented[:, 0], augmented[:, 1]) and not torch.equal(augmented[:, 1], augmented[:, 2])
 
 
+@pytest.mark.parametrize("pipeline", ["workers", "device"])
+def test_under_torchrun_each_process_trains_its_own_copy_of_the_same_images(tmp_path, pipeline):
+    write_cifar10(tmp_path, train_per_batch=6)
+    config = data_config("cifar10", tmp_path, batch_size=5, repeated_augment=2, pipeline=pipeline, augment="none")
+    ranks = []
+    for rank in (0, 1):
+        data = build_data(config, CPU, rank=rank, world_size=2)
+        data.set_epoch(seed=0, epoch=1)
+        ranks.append(list(data.train_batches()))
+    assert len(ranks[0]) == len(ranks[1]) == 3  # 15 images each, as without repeats
+    for (images_0, labels_0), (images_1, labels_1) in zip(*ranks):
+        assert torch.equal(images_0, images_1) and torch.equal(labels_0, labels_1)
+    assert len({tuple(image.flatten()[:8].tolist()) for images, _ in ranks[0] for image in images}) == 15
+
+
 def test_both_pipelines_take_the_same_repeated_order(tmp_path):
     write_cifar10(tmp_path, train_per_batch=6)
     labels = {}
