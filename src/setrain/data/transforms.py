@@ -74,8 +74,7 @@ def trivial_augment(settings: Augmentation) -> v2.Transform:
 
 def rand_augment(settings: Augmentation) -> v2.Transform:
     """RandAugment (Cubuk et al. 2020): data.randaugment_n operations per image, each at
-    magnitude data.randaugment_m of 30; 2 and 9 (torchvision's defaults) are the paper's for
-    ResNet-50 on ImageNet."""
+    magnitude data.randaugment_m of 30; 2 and 9 are torchvision's defaults."""
     return v2.RandAugment(settings.randaugment_n, settings.randaugment_m, interpolation=BILINEAR)
 
 
@@ -102,7 +101,7 @@ def check_augmentation(augment: str, settings: Augmentation) -> None:
     if n < 1 or not 0 <= m <= 30:
         raise SetrainError(
             f"data.randaugment_n={n} and data.randaugment_m={m} must be 1 or more and 0..30 "
-            "(operations per image and their magnitude; RandAugment's ImageNet setting is 2 and 9)."
+            "(operations per image and their magnitude; torchvision's defaults are 2 and 9)."
         )
     defaults = Augmentation()
     if augment != "randaugment" and (n, m) != (defaults.randaugment_n, defaults.randaugment_m):
