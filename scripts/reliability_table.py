@@ -186,6 +186,8 @@ CASES = {
         Case("checkpoint of another model", ["resume=plain/checkpoints/last.pt"], "test_reliability.py::test_resume_from_a_checkpoint_of_another_model_is_refused_unless_forced", setup=trained(*TINY, "model=resnet20", run_dir="plain"), hidden=TINY),
         Case("... and forced anyway", ["resume=plain/checkpoints/last.pt", "resume_force=true"], "test_reliability.py::test_resume_from_a_checkpoint_of_another_model_is_refused_unless_forced", setup=trained(*TINY, "model=resnet20", run_dir="plain"), hidden=TINY),
         Case("unreadable pretrained weights", ["model.pretrained=broken.pt"], "test_pretrained.py::test_cli_trains_from_imported_weights", setup=lambda root: (root / "broken.pt").write_bytes(b"not a torch file")),
+        Case("released weights of a model that has none", ["model.pretrained=imagenet"], "test_released.py::test_a_model_without_released_weights_lists_those_with_them", hidden=TINY),
+        Case("released weights without internet (nothing answers at the mirror)", ["model=resnet18", "model.pretrained=imagenet"], "test_released.py::test_cli_offline_is_one_line_and_leaves_no_run_dir", env={"SETRAIN_WEIGHTS_URL": "http://127.0.0.1:1", "TORCH_HOME": "torch"}, hidden=TINY),
     ],
     "Output": [
         Case("run directory that cannot be made", ["hydra.run.dir=notes.txt/run"], "test_reliability.py::test_run_dir_that_cannot_be_made_is_one_line", setup=lambda root: (root / "notes.txt").write_text("a file")),
