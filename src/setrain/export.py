@@ -99,6 +99,8 @@ def export_pt2(program: torch.export.ExportedProgram, images: Tensor, expected: 
 def export_onnx(program: torch.export.ExportedProgram, images: Tensor, expected: Tensor) -> tuple[bytes, float]:
     """torch.onnx.export's bytes of the same program, checked in onnxruntime."""
     onnxruntime = onnxruntime_module()
+    for name in ("onnxscript", "onnx_ir"):  # their graph optimizer logs every rewrite at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     onnx_program = torch.onnx.export(
         program, input_names=["image"], output_names=["logits"], dynamo=True, verbose=False
     )
@@ -129,7 +131,10 @@ def export_checkpoint(cfg: DictConfig) -> dict:
         images = images.repeat(2, 1, 1, 1)
     with torch.inference_mode():
         expected = model(images)
-    log.info("Exporting %s (epoch %d, %s weights) as %s", trained.checkpoint, trained.epoch, trained.weights, cfg.format)
+    log.info(
+        "Exporting %s (epoch %d, %s weights) as %s",
+        trained.checkpoint, trained.epoch, trained.weights, " and ".join(formats),
+    )  # fmt: skip
     program = exported_program(model, images)
     exporters = {"onnx": export_onnx, "pt2": export_pt2}
     files, differences = {}, {}
@@ -151,7 +156,9 @@ def export_checkpoint(cfg: DictConfig) -> dict:
     for filename, content in files.items():
         write_output(out_dir / filename, lambda file, content=content: file.write(content))
     write_output(out_dir / "model.json", json.dumps(description, indent=2) + "\n")
-    log.info("Done: %s in %s (largest difference to PyTorch: %s)", ", ".join(description["files"]), out_dir, differences)
+    checks = ", ".join(f"{name} {difference:.2g}" for name, difference in differences.items())
+    log.info("Largest difference to the PyTorch model's logits on %s: %s", description["checked_on"], checks)
+    log.info("Done: %s in %s", ", ".join(description["files"]), out_dir)
     return description
 
 
