@@ -1,17 +1,22 @@
-"""Summarise a multirun: a Markdown table of its jobs and a plot of a metric against the swept key.
+"""Summarise a multirun: a Markdown table of its jobs, a plot of a metric against the swept key
+and the val top-1 curves of every job in one chart.
 
     python scripts/sweep_report.py outputs/multirun/2026-11-23/10-00-00
     python scripts/sweep_report.py <sweep dir> --x model.se.reduction --metric best.val_top1
 
-Reads each job's results.json (written by the trainer when a run ends) and the overrides Hydra
-saved in its .hydra/overrides.yaml, and writes <sweep dir>/sweep_report.md and sweep_report.png.
-A job without results.json failed or has not finished; it is listed as such. The swept key, the
-plot's x axis, is the one override whose value differs between jobs; where several do (an Optuna
-sweep), --x picks one, or the plot shows the metric by job number, the optimisation history.
+Reads each job's results.json (written by the trainer when a run ends), metrics.csv (a row per
+epoch) and the overrides Hydra saved in its .hydra/overrides.yaml, and writes into the sweep dir
+sweep_report.md, sweep_report.png and sweep_curves.png (figures for a slide: 160 dpi, labels in
+words). A job without results.json failed or has not finished; it is listed as such. The swept
+key, the plot's x axis, is the one override whose value differs between jobs; where several do
+(an Optuna sweep), --x picks one, or the plot shows the metric by job number, the optimisation
+history.
 """
 
 import argparse
+import csv
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +38,22 @@ COLUMNS = {  # table column -> key path in results.json
     "final val top-1 (%)": "final.val_top1",
     "epochs": "epochs",
 }
+LABELS = {  # an axis label in words for a key of the config or of results.json; others show the key
+    "model.se.reduction": "SE reduction ratio r",
+    "model.se.gate": "SE gate",
+    "model.se.squeeze": "SE squeeze",
+    "model.se.placement": "SE placement",
+    "model.se.stages": "SE stages",
+    "optimizer.lr": "learning rate",
+    **{path: label for label, path in COLUMNS.items()},
+    "final.val_loss": "final val loss",
+}
 
 
 @dataclass
 class Job:
     number: int
+    directory: Path
     overrides: dict[str, str]
     """key -> value as written on the command line ("model.se.reduction" -> "16")."""
     results: dict | None
@@ -89,6 +105,7 @@ def read_job(hydra_dir: Path, parser: OverridesParser) -> Job:
         overrides = parser.parse_overrides(list(OmegaConf.load(hydra_dir / "overrides.yaml")))
         return Job(
             number=job.num,
+            directory=job_dir,
             overrides={o.key_or_group: o.get_value_element_as_str() for o in overrides},
             results=json.loads(results.read_text()) if results.is_file() else None,
         )
@@ -139,7 +156,7 @@ def markdown(jobs: list[Job], varying: list[str], metric: str, sweep_dir: Path) 
         else:
             numbers = [job.metric(path) for path in columns.values()]
             cells = [
-                f"{job.results['params'] / 1e6:.2f}M",
+                f"{job.results['params']:,}",
                 *("n/a" if n is None else f"{n:.2f}" if isinstance(n, float) else str(n) for n in numbers),
                 run_time(job.results["run_time_s"]),
             ]
@@ -158,9 +175,13 @@ def markdown(jobs: list[Job], varying: list[str], metric: str, sweep_dir: Path) 
     return "\n".join(header + [""] + lines) + "\n"
 
 
+def label(key: str) -> str:
+    return LABELS.get(key, key)
+
+
 def plot(plt, jobs: list[Job], x_key: str | None, metric: str, title: str):
     """`metric` of each finished job against `x_key` (or the job number), the mean per value as a
-    line, and the parameter count on a second axis: the accuracy-versus-cost trade-off of a sweep."""
+    line, and the exact parameter count on a second axis: the accuracy-versus-cost trade-off."""
     finished = [job for job in jobs if job.metric(metric) is not None]
     xs = [job.value(x_key) if x_key else float(job.number) for job in finished]
     scores = [job.metric(metric) for job in finished]
@@ -169,25 +190,61 @@ def plot(plt, jobs: list[Job], x_key: str | None, metric: str, title: str):
     position = (lambda x: x) if numeric else values.index  # text values: one slot each
     means = [statistics.mean(score for x, score in zip(xs, scores) if x == value) for value in values]
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.plot([position(x) for x in xs], scores, "o", alpha=0.6, label=metric)
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    ax.plot([position(x) for x in xs], scores, "o", markersize=7, label=label(metric))
     ax.plot([position(value) for value in values], means, "-", color="C0")
-    if numeric and min(values) > 0 and max(values) / min(values) >= 10:
-        ax.set_xscale("log")  # geometric sweeps: reduction 2..32, learning rates
+    if numeric and x_key and min(values) > 0 and all(math.log2(value).is_integer() for value in values) and len(values) > 2:
+        ax.set_xscale("log", base=2)  # r = 2, 4, 8, 16: equal steps
+    elif numeric and min(values) > 0 and max(values) / min(values) >= 10:
+        ax.set_xscale("log")  # other geometric sweeps: learning rates
     if len(values) <= 12:
-        labels = [f"{value:g}" if numeric else value for value in values]
-        ax.set_xticks([position(value) for value in values], labels)
+        ax.set_xticks([position(value) for value in values], [f"{value:g}" if numeric else value for value in values])
         ax.minorticks_off()
-    ax.set_xlabel(x_key or "job number")
-    ax.set_ylabel(metric)
+    ax.set_xlabel(label(x_key) if x_key else "job number")
+    ax.set_ylabel(label(metric))
     params = ax.twinx()
-    params.plot(
-        [position(x) for x in xs], [job.results["params"] / 1e6 for job in finished],
-        "s", color="grey", alpha=0.5, label="parameters (M)",
-    )  # fmt: skip
-    params.set_ylabel("parameters (M)", color="grey")
-    ax.legend(handles=ax.lines[:1] + params.lines, fontsize=8, loc="best")
-    ax.set_title(title, fontsize=9)
+    counts = [job.results["params"] for job in finished]
+    params.plot([position(x) for x in xs], counts, "s", color="grey", alpha=0.6, label="parameters")
+    for x, count in zip(xs, counts):
+        params.annotate(f"{count:,}", (position(x), count), textcoords="offset points", xytext=(0, 7),
+                        ha="center", fontsize="small", color="dimgrey")  # fmt: skip
+    params.set_ylabel("parameters", color="dimgrey")
+    params.yaxis.set_major_formatter(lambda count, _: f"{count:,.0f}")
+    params.margins(y=0.25)
+    params.grid(False)
+    ax.margins(x=0.1)
+    ax.legend(handles=ax.lines[:1] + params.lines, loc="best")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def epoch_curves(job: Job) -> tuple[list[int], list[float]]:
+    """The job's val top-1 per epoch from its metrics.csv (none where it has no such file)."""
+    try:
+        with open(job.directory / "metrics.csv", newline="") as file:
+            rows = list(csv.DictReader(file))
+        return [int(row["epoch"]) for row in rows], [float(row["val_top1"]) for row in rows]
+    except (OSError, KeyError, ValueError, csv.Error):
+        return [], []
+
+
+def plot_curves(plt, jobs: list[Job], x_key: str | None, title: str):
+    """Val top-1 per epoch of every job in one chart, a line per job named by its swept value;
+    None where no job has a metrics.csv."""
+    curves = [(job, *epoch_curves(job)) for job in jobs]
+    curves = [curve for curve in curves if curve[1]]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for job, epochs, top1 in curves:
+        name = f"{label(x_key)} = {job.overrides.get(x_key, '(default)')}" if x_key else f"job {job.number}"
+        ax.plot(epochs, top1, "o-", markersize=4, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1 (%)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 
@@ -219,11 +276,16 @@ def report(args: argparse.Namespace) -> None:
     if not finished:
         print(f"Written: {sweep_dir / 'sweep_report.md'}; no plot, as no job has finished.")
         return
-    title = f"{sweep_dir.name}: {args.metric} by {x_key or 'job'}"
+    title = f"{label(args.metric)} by {label(x_key) if x_key else 'job'}"
     if x_key is None and len(varying) > 1:
         title += f"\n(several keys vary: {', '.join(varying)}; pick one with --x)"
-    plot(plt, jobs, x_key, args.metric, title).savefig(sweep_dir / "sweep_report.png", dpi=80)
-    print(f"Written: {sweep_dir / 'sweep_report.md'} and {sweep_dir / 'sweep_report.png'}")
+    plot(plt, jobs, x_key, args.metric, title).savefig(sweep_dir / "sweep_report.png")
+    written = [sweep_dir / "sweep_report.md", sweep_dir / "sweep_report.png"]
+    curves = plot_curves(plt, jobs, x_key, f"val top-1 per epoch, sweep {sweep_dir.resolve().name}")
+    if curves is not None:
+        curves.savefig(sweep_dir / "sweep_curves.png")
+        written.append(sweep_dir / "sweep_curves.png")
+    print(f"Written: {', '.join(map(str, written))}")
 
 
 def main() -> None:

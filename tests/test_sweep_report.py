@@ -6,6 +6,7 @@ from argparse import Namespace
 
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
 
 from conftest import REPO_ROOT, TINY, assert_user_error, run_cli, run_program
 from setrain.errors import SetrainError
@@ -33,6 +34,7 @@ def write_job(sweep_dir, number: int, overrides: list[str], top1: float | None =
             "final": {"val_top1": top1 - 1}, "best": {"epoch": 2, "val_top1": top1, "val_top5": 99.0},
         }  # fmt: skip
         (job / "results.json").write_text(json.dumps(results))
+        (job / "metrics.csv").write_text(f"epoch,step,val_top1\n1,4,{top1 / 2}\n2,8,{top1}\n")
 
 
 def rows(table: str) -> list[list[str]]:
@@ -51,13 +53,15 @@ def test_the_swept_key_is_found_and_orders_the_table_failed_jobs_last(sweep_repo
     assert "4 jobs, 3 finished; all ran with `trainer.epochs=2`." in table
     assert "Highest best.val_top1: 85.50, job 1." in table
     assert [row[:4] for row in rows(table)] == [
-        ["1", "model.se.reduction=4", "0.29M", "85.50"],
-        ["0", "model.se.reduction=16", "0.27M", "80.00"],
-        ["3", "model.se.reduction=32", "0.26M", "70.00"],
+        ["1", "model.se.reduction=4", "290,000", "85.50"],  # exact: r barely changes the count
+        ["0", "model.se.reduction=16", "270,000", "80.00"],
+        ["3", "model.se.reduction=32", "260,000", "70.00"],
         ["2", "model.se.reduction=8", "failed or unfinished (no results.json)", ""],
     ]
     assert rows(table)[0][4:] == ["99.00", "2", "84.50", "2", "2.5 min"]
-    assert (tmp_path / "sweep_report.png").stat().st_size > 0
+    for figure in ("sweep_report.png", "sweep_curves.png"):  # slide quality: 160 dpi, over 1000 px wide
+        with Image.open(tmp_path / figure) as image:
+            assert image.size[0] > 1000 and round(image.info["dpi"][0]) == 160
 
 
 def test_with_several_swept_keys_the_best_come_first(sweep_report, tmp_path):
