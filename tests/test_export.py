@@ -16,7 +16,7 @@ from setrain.data.folders import load_rgb
 from setrain.data.shapes import CLASSES
 from setrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from setrain.errors import SetrainError
-from setrain.export import export_checkpoint, preprocessing
+from setrain.export import check_outputs, export_checkpoint, preprocessing
 from setrain.models import build_model, list_models
 from setrain.testing import write_image_folder
 
@@ -104,6 +104,13 @@ def test_se_mobilenet_exports_to_onnx(tmp_path):
     export_checkpoint(export_config(f"checkpoint={checkpoint}", "format=onnx"))
     assert sorted(path.name for path in (tmp_path / "run" / "export").iterdir()) == ["model.json", "model.onnx"]
     assert_exports_compute_the_model(tmp_path / "run" / "export", *trained_outputs(state, "model"), ("onnx",))
+
+
+def test_a_file_whose_outputs_differ_beyond_float_rounding_is_refused():
+    expected = torch.tensor([[10.0, -3.0, 0.5]])
+    assert check_outputs("ONNX", expected + 1e-4, expected) == pytest.approx(1e-4, rel=1e-2)
+    with pytest.raises(SetrainError, match=r"ONNX file's outputs differ from the PyTorch model's by 0.1 "):
+        check_outputs("ONNX", expected - torch.tensor([[0.0, 0.0, 0.1]]), expected)
 
 
 def without_the_export_extra(monkeypatch) -> None:
