@@ -1,7 +1,8 @@
 """`data.repeated_augment=<k>`: repeated augmentation (Hoffer et al. 2020, Berman et al. 2019),
 sampled as torchvision's references and DeiT do (RASampler): each image k times in a row, dealt to
-the processes in turn, so under DDP its k augmented copies train on different processes in the
-same step; an epoch keeps the dataset's length, so it holds about 1/k of the distinct images.
+the processes in turn, so under DDP its augmented copies spread over the processes (with k
+processes, one copy each in the same step); an epoch keeps the dataset's length, so it holds
+about 1/k of the distinct images.
 The order depends only on the epoch's seed, which exact resume needs (DataBundle.set_epoch).
 """
 
