@@ -146,35 +146,34 @@ def plot_excitations(plt, summary: dict[str, dict], classes: list[int], title: s
         shown, which = names, f"all {len(names)} SE blocks"
     columns = min(3, len(shown))
     rows = -(-len(shown) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.8 * columns, 3.2 * rows), squeeze=False)
     for ax, name in zip(axes.flat, shown):
         for label, means in zip(classes, summary[name]["class_means"]):
             ax.plot(means, linewidth=0.8, label=f"class {label}")
         ax.plot(summary[name]["mean"], color="black", linestyle="--", linewidth=1, label="all images")
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=7)
+        ax.set_title(name)
     for ax in axes.flat[len(shown):]:
         ax.axis("off")
     for ax in axes[-1]:
-        ax.set_xlabel("channel index", fontsize=8)
+        ax.set_xlabel("channel index")
     for ax in axes[:, 0]:
-        ax.set_ylabel("mean excitation", fontsize=8)
+        ax.set_ylabel("mean excitation")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
-    fig.suptitle(f"{title}: mean excitation per channel ({which})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    fig.suptitle(f"{title}: mean excitation per channel ({which})", fontsize="x-large")
+    fig.tight_layout(rect=(0, 0.1 / rows, 1, 1 - 0.06 / rows))
     return fig
 
 
 def plot_specificity(plt, summary: dict[str, dict], title: str):
     """The class specificity of each SE block against its depth."""
     names = list(summary)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(names) + 2), 3.2))
-    ax.plot(range(len(names)), [summary[name]["specificity"] for name in names], "o-")
-    ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-    ax.set_xlabel("SE block (input to output)", fontsize=8)
-    ax.set_ylabel("std over classes of the\nmean excitation", fontsize=8)
-    ax.set_title(f"{title}: class specificity by depth", fontsize=10)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.5 * len(names) + 2), 4.2))
+    ax.plot(range(len(names)), [summary[name]["specificity"] for name in names], "o-", markersize=6)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_xlabel("SE block, from input to output")
+    ax.set_ylabel("spread over classes\n(std of the mean excitation)")
+    ax.set_title(f"{title}: class specificity by depth")
     fig.tight_layout()
     return fig
 
@@ -232,7 +231,7 @@ def analyze(cfg: DictConfig) -> dict:
     }
     writer = SummaryWriter(out_dir / "tb")
     for name, fig in figures.items():
-        write_output(out_dir / f"{name}.png", lambda file, fig=fig: fig.savefig(file, format="png", dpi=72))
+        write_output(out_dir / f"{name}.png", lambda file, fig=fig: fig.savefig(file, format="png"))
         writer.add_figure(f"analysis/{name}", fig)  # closes the figure
     table = ablation_table(ablation)
     write_output(
