@@ -149,6 +149,8 @@ CASES = {
         Case("CUDA without a GPU", ["trainer.device=cuda"], "test_engine.py::test_cuda_without_a_gpu_is_a_user_error", hidden=TINY),
         Case("unknown device", ["trainer.device=tpu"], "test_engine.py::test_user_errors_are_one_clear_sentence"),
         Case("unknown precision", ["trainer.precision=8"], "test_training_options.py::test_option_values_that_cannot_work_are_refused"),
+        Case("unknown torch.compile backend", ["trainer.compile=maybe"], "test_reliability.py::test_values_hydra_accepts_but_training_cannot_use_are_refused"),
+        Case("momentum of 1 or more (torch accepts it; the steps grow without bound)", ["optimizer.momentum=1.5"], "test_reliability.py::test_values_hydra_accepts_but_training_cannot_use_are_refused"),
         Case(
             "resume on data with another number of classes",
             [*FOLDER, "resume=auto", "hydra.run.dir=run"],

@@ -142,6 +142,9 @@ def test_group_file_that_is_not_valid_yaml_says_where(tmp_path, text, message):
         (["+trainer.epoch=3"], "trainer.epoch is not a config key; the keys of trainer are: accumulate_grad_batches, "),
         (["+foo.bar=1"], "foo is not a config key; the keys at the top level are: data, model, optimizer, "),
         (["trainer.epochs=${oops}"], "trainer.epochs cannot be resolved (Interpolation key 'oops' not found); fix its "),
+        (["optimizer.momentum=1.5"], "optimizer.momentum=1.5 must be below 1, e.g. 0.9."),
+        (["trainer.epochs=0"], "trainer.epochs=0 must be at least 1."),
+        (["trainer.compile=maybe"], "trainer.compile='maybe' is not known; use true, false, auto or a torch.compile backend: "),
     ],
 )
 def test_values_hydra_accepts_but_training_cannot_use_are_refused(overrides, message):

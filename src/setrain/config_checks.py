@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from setrain.engine.optim import build_optimizer, build_scheduler
+from setrain.engine.runtime import PRECISIONS
 from setrain.errors import SetrainError
 
 # Groups whose keys are the arguments of what they build (a model, a dataset, a torch class):
@@ -104,7 +105,45 @@ def check_values(cfg: DictConfig) -> None:
     if flat.get("optimizer.lr", 1) <= 0:
         example = defaults["optimizer"]["lr"]
         raise SetrainError(f"optimizer.lr={flat['optimizer.lr']} must be greater than 0, e.g. {example}.")
+    if flat.get("optimizer.momentum", 0) >= 1:  # torch refuses < 0 only; from 1 up the step grows without bound
+        raise SetrainError(f"optimizer.momentum={flat['optimizer.momentum']} must be below 1, e.g. 0.9.")
+    check_trainer_options(cfg.trainer)
     check_schedule(cfg)
+
+
+def check_trainer_options(trainer: DictConfig) -> None:
+    """Refuse trainer values the loop cannot honour; run before the run dir is made (check_values)
+    and again by `engine.train`, which tests and scripts call without Hydra."""
+    if trainer.epochs < 1:
+        raise SetrainError(f"trainer.epochs={trainer.epochs} must be at least 1.")
+    if str(trainer.precision) not in (*PRECISIONS, "auto"):
+        raise SetrainError(f"trainer.precision={trainer.precision!r} is not known; use auto, 32, bf16 or 16.")
+    if trainer.channels_last not in (True, False, "auto"):
+        raise SetrainError(f"trainer.channels_last={trainer.channels_last!r} is not known; use auto, true or false.")
+    _check_compile(trainer.compile)
+    for key in ("accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps", "early_stop_patience"):
+        value = trainer[key]
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise SetrainError(f"trainer.{key}={value!r} must be a positive integer.")
+    if trainer.grad_clip_norm is not None and trainer.grad_clip_norm <= 0:
+        raise SetrainError(f"trainer.grad_clip_norm={trainer.grad_clip_norm} must be positive, or null for no clipping.")
+    if trainer.ema_decay is not None and not 0 < trainer.ema_decay < 1:
+        raise SetrainError(f"trainer.ema_decay={trainer.ema_decay} must be between 0 and 1, e.g. 0.9998, or null.")
+    if not 0 <= trainer.label_smoothing < 1:
+        raise SetrainError(f"trainer.label_smoothing={trainer.label_smoothing} must be in [0, 1), e.g. 0.1.")
+
+
+def _check_compile(compile) -> None:
+    """true, false, auto, or a backend torch.compile knows (torch._dynamo would raise mid-setup)."""
+    if isinstance(compile, bool) or compile == "auto":
+        return
+    from torch._dynamo import list_backends  # slow to import: only for a backend name
+
+    if compile not in list_backends(exclude_tags=()):  # the debugging backends too
+        raise SetrainError(
+            f"trainer.compile={compile!r} is not known; use true, false, auto or a torch.compile backend: "
+            f"{', '.join(list_backends())}."
+        )
 
 
 def check_schedule(cfg: DictConfig) -> None:

@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from setrain.config_checks import check_trainer_options
 from setrain.data import DataBundle, build_data
 from setrain.data.transforms import batch_mixing
 from setrain.engine.checkpoint import RunState, Trainees, checkpoint_of, load_checkpoint, restore, save_checkpoint
@@ -55,26 +56,6 @@ from setrain.models import build_model
 log = logging.getLogger(__name__)
 
 HISTOGRAM_IMAGES = 64  # the fixed validation images whose SE gates are histogrammed each epoch
-
-
-def check_trainer_options(trainer: DictConfig) -> None:
-    """Refuse values the loop cannot honour before any data is loaded."""
-    if trainer.epochs < 1:
-        raise SetrainError(f"trainer.epochs={trainer.epochs} must be at least 1.")
-    if str(trainer.precision) not in (*PRECISIONS, "auto"):
-        raise SetrainError(f"trainer.precision={trainer.precision!r} is not known; use auto, 32, bf16 or 16.")
-    if trainer.channels_last not in (True, False, "auto"):
-        raise SetrainError(f"trainer.channels_last={trainer.channels_last!r} is not known; use auto, true or false.")
-    for key in ("accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps", "early_stop_patience"):
-        value = trainer[key]
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise SetrainError(f"trainer.{key}={value!r} must be a positive integer.")
-    if trainer.grad_clip_norm is not None and trainer.grad_clip_norm <= 0:
-        raise SetrainError(f"trainer.grad_clip_norm={trainer.grad_clip_norm} must be positive, or null for no clipping.")
-    if trainer.ema_decay is not None and not 0 < trainer.ema_decay < 1:
-        raise SetrainError(f"trainer.ema_decay={trainer.ema_decay} must be between 0 and 1, e.g. 0.9998, or null.")
-    if not 0 <= trainer.label_smoothing < 1:
-        raise SetrainError(f"trainer.label_smoothing={trainer.label_smoothing} must be in [0, 1), e.g. 0.1.")
 
 
 def _resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
