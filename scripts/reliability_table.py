@@ -112,6 +112,11 @@ class RunsCode:
         return self.call
 
 
+def log_to_full_disk(root: Path) -> None:
+    (root / "run" / "train.log").unlink()
+    (root / "run" / "train.log").symlink_to("/dev/full")  # every write: ENOSPC
+
+
 def drop_class(root: Path) -> None:
     for image in (root / "datasets" / "folder" / "train" / "owl").iterdir():
         image.unlink()
@@ -198,6 +203,7 @@ CASES = {
         Case("refused run in the default run dir (`outputs/<date>/<time>_*`)", ["data.batch_size=1000"], "test_reliability.py::test_a_refused_run_leaves_no_run_dir_and_what_was_there_as_it_was", hidden=TINY, left=True),
         Case("refused resume of a run in its run dir", ["resume=auto", "data.batch_size=1000", "hydra.run.dir=run"], "test_reliability.py::test_a_refused_run_leaves_no_run_dir_and_what_was_there_as_it_was", setup=trained(*TINY), hidden=TINY, left=True),
         Case("disk full while writing a checkpoint", ["resume=auto", "trainer.epochs=3", "hydra.run.dir=run"], "test_reliability.py::test_disk_full_while_saving_keeps_the_previous_checkpoint", setup=then(trained(*TINY), lambda root: (root / "run/checkpoints/last.pt.tmp").symlink_to("/dev/full")), hidden=TINY),
+        Case("disk full under train.log (a resumed run)", ["resume=auto", "hydra.run.dir=run"], "test_reliability.py::test_a_full_disk_under_train_log_stops_the_resumed_run_in_one_line_and_keeps_last_pt", setup=then(trained(*TINY, "trainer.epochs=1"), log_to_full_disk), hidden=TINY, left=True),
     ],
     "Runs": [
         Case("second run in a run directory in use", ["resume=auto", "hydra.run.dir=run"], "test_reliability.py::test_a_second_run_in_the_same_dir_is_refused_and_a_killed_run_leaves_no_lock", hidden=TINY),

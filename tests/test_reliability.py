@@ -6,6 +6,7 @@ CLI would only add seconds. docs/reliability.md lists every case with its messag
 including those tested beside the feature they guard (test_data.py, test_engine.py, ...).
 """
 
+import logging
 import os
 import pickle
 import signal
@@ -26,6 +27,7 @@ from setrain.engine import train
 from setrain.engine.checkpoint import load_checkpoint, load_model_state
 from setrain.engine.rundir import lock_run_dir
 from setrain.errors import SetrainError
+from setrain.files import RunLog
 from setrain.models import create_model
 from setrain.testing import write_cifar10, write_cifar100, write_image_folder, write_stl10
 
@@ -451,6 +453,37 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_config, tmp_p
     )
     assert last.read_bytes() == previous and load_checkpoint(last)["epoch"] == 1
     assert sorted(path.name for path in last.parent.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_log_that_cannot_be_written_is_one_error_and_then_silent(tmp_path):
+    (tmp_path / "train.log").symlink_to("/dev/full")  # every write: ENOSPC
+    handler = RunLog(tmp_path / "train.log")
+    logger = logging.getLogger("test_run_log")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(SetrainError, match=r"Could not write the run's log .*train.log \(No space left on device\); free"):
+            logger.warning("epoch 1")
+        logger.warning("epoch 2")  # the error is on its way out: nothing more is raised or printed
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_train_log_stops_the_resumed_run_in_one_line_and_keeps_last_pt(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(*TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    last = run_dir / "checkpoints" / "last.pt"
+    previous = last.read_bytes()
+    (run_dir / "train.log").unlink()
+    (run_dir / "train.log").symlink_to("/dev/full")
+    result = run_cli(*TINY, "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert_one_line(
+        result,
+        f"Could not write the run's log {run_dir / 'train.log'} (No space left on device); free space or fix the "
+        f"folder, then continue with resume=auto hydra.run.dir={run_dir}",
+    )
+    assert last.read_bytes() == previous
 
 
 # Runs

@@ -1,9 +1,12 @@
 """Reading files as data, never as code: checkpoints and imported weights share one safe torch
-loader, and pickled datasets (CIFAR's batches) one unpickler that only rebuilds arrays."""
+loader, and pickled datasets (CIFAR's batches) one unpickler that only rebuilds arrays. Writing
+them so that a failure leaves the previous file: atomic writes, and a run log that stops the run."""
 
+import logging
 import os
 import pickle
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -101,3 +104,24 @@ class DataOnlyUnpickler(pickle.Unpickler):
 def load_data_pickle(file, **kwargs):
     """`pickle.load(file, **kwargs)` that raises CodeInPickle instead of running a file's code."""
     return DataOnlyUnpickler(file, **kwargs).load()
+
+
+class RunLog(logging.FileHandler):
+    """The run's train.log (configs/train.yaml, hydra.job_logging). A write that fails (a full
+    disk, a file that went away) raises one SetrainError from the logging call, so the run stops
+    where it stands (checkpoints are atomic: last.pt is intact) instead of logging printing a
+    traceback after every line; later records go to os.devnull, as the error is on its way out."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        failed, self.stream = self.stream, open(os.devnull, "w")
+        try:
+            failed.close()  # flushes what it buffered: fails again
+        except OSError:
+            pass
+        reason = getattr(error, "strerror", None) or error
+        run_dir = Path(self.baseFilename).parent
+        raise SetrainError(
+            f"Could not write the run's log {self.baseFilename} ({reason}); free space or fix the folder, "
+            f"then continue with resume=auto hydra.run.dir={run_dir}"
+        )
