@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from conftest import TINY, assert_user_error, compose_config, run_module, write_checkpoint
+from conftest import TINY, assert_user_error, compose_config, run_cli, run_module, write_checkpoint
 from setrain.data import build_data
 from setrain.data.folders import load_rgb
 from setrain.data.shapes import CLASSES
@@ -55,6 +55,16 @@ def assert_exports_compute_the_model(out_dir, images: torch.Tensor, expected: to
         with torch.inference_mode():
             torch.testing.assert_close(program.module()(images), expected, **tolerance)
             torch.testing.assert_close(program.module()(images[:1]), expected[:1], **tolerance)
+
+
+def onnx_top1(model_file, data) -> float:
+    """The top-1 of an ONNX file in onnxruntime on every validation image of `data`."""
+    session = onnxruntime.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    hits = sum(
+        int((session.run(None, {"image": images.numpy()})[0].argmax(axis=1) == labels.numpy()).sum())
+        for images, labels in data.val_loader
+    )
+    return 100 * hits / len(data.val_loader.dataset)
 
 
 def test_a_fused_compiled_run_exports_its_ema_weights_as_plain_ops(tmp_path):
@@ -144,16 +154,24 @@ def test_export_cli_gives_the_runs_validation_accuracy_in_onnxruntime(trained_ru
     out_dir = trained_run / "export"
     assert "model.onnx, model.pt2, model.json" in result.stdout
     description = json.loads((out_dir / "model.json").read_text())
-    session = onnxruntime.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
-    data = build_data(state["config"]["data"], CPU)
-    hits = sum(
-        (session.run(None, {"image": images.numpy()})[0].argmax(axis=1) == labels.numpy()).sum()
-        for images, labels in data.val_loader
-    )
+    data = build_data(torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)["config"]["data"], CPU)
     final = json.loads((trained_run / "results.json").read_text())["final"]
-    assert 100 * hits / len(data.val_loader.dataset) == pytest.approx(final["val_top1"])
+    assert onnx_top1(out_dir / "model.onnx", data) == pytest.approx(final["val_top1"])
     assert description["weights"] == "model" and description["classes"] == list(CLASSES)
+
+
+@pytest.mark.slow
+def test_a_run_trained_fused_compiled_with_ema_exports_its_ema_accuracy(tmp_path):
+    run_dir = tmp_path / "run"
+    options = ["model.se.fused=true", "trainer.compile=aot_eager", "trainer.ema_decay=0.9"]
+    trained = run_cli(*TINY, *options, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    description = export_checkpoint(export_config(f"checkpoint={checkpoint}", "format=onnx"))
+    assert description["weights"] == "ema"
+    data = build_data(torch.load(checkpoint, weights_only=True)["config"]["data"], CPU)
+    final = json.loads((run_dir / "results.json").read_text())["final"]
+    assert onnx_top1(run_dir / "export" / "model.onnx", data) == pytest.approx(final["val_ema_top1"])
 
 
 @pytest.mark.slow
