@@ -94,9 +94,9 @@ def test_tensorboard_has_train_and_val_curves(tiny_config, tmp_path):
 
     train(tiny_config(), tmp_path)
     train_run, val_run = (EventAccumulator(str(tmp_path / "tb" / run)).Reload() for run in ("train", "val"))
-    assert {"loss/epoch", "accuracy/top1", "speed/images_per_s"} <= set(train_run.Tags()["scalars"])
-    assert {"loss/epoch", "accuracy/top1", "accuracy/top5", "accuracy/best_top1"} == set(val_run.Tags()["scalars"])
-    assert [event.step for event in val_run.Scalars("loss/epoch")] == [4, 8]  # optimizer steps: 4 an epoch
+    assert {"epoch/loss", "epoch/top1", "speed/images_per_s"} <= set(train_run.Tags()["scalars"])
+    assert {"epoch/loss", "epoch/top1", "epoch/top5", "epoch/best_top1"} == set(val_run.Tags()["scalars"])
+    assert [event.step for event in val_run.Scalars("epoch/loss")] == [4, 8]  # optimizer steps: 4 an epoch
 
 
 @pytest.mark.slow

@@ -220,8 +220,9 @@ def test_option_values_that_cannot_work_are_refused(tiny_config, tmp_path, overr
 def test_tensorboard_shows_steps_excitations_and_images(tiny_config, tmp_path):
     train(tiny_config("trainer.log_every_n_steps=2"), tmp_path)
     train_run = EventAccumulator(str(tmp_path / "tb" / "train")).Reload()
-    assert [event.step for event in train_run.Scalars("loss/step")] == [2, 4, 6, 8]
-    assert [event.step for event in train_run.Scalars("loss/epoch")] == [4, 8]  # one x axis: optimizer steps
+    assert [event.step for event in train_run.Scalars("step/loss")] == [2, 4, 6, 8]
+    assert [event.step for event in train_run.Scalars("step/lr")] == [2, 4, 6, 8]
+    assert [event.step for event in train_run.Scalars("epoch/loss")] == [4, 8]  # one x axis: optimizer steps
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0}).Reload()
     tags = events.Tags()
     assert {"se_gates/stage_2", "se_gates/stage_3", "se_gates/stage_4"} == set(tags["histograms"])

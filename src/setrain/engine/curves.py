@@ -2,7 +2,8 @@
 for the HPARAMS tab, SE gates and sample images.
 
 The scheme: tb/train, tb/val (and tb/val_ema) are runs with the same tags, so the train and val
-curves of a metric are one chart; groups sort loss and accuracy first; every scalar's step is the
+curves of a metric are one chart; the epoch's loss and accuracy are one group, `epoch/`, which
+TensorBoard sorts first and opens (it opens the first group only); every scalar's step is the
 optimizer step, per-step and per-epoch curves alike. tb/ itself holds the gates, the images and
 the hparams session, whose metrics are the last values of tb/val and tb/train.
 """
@@ -26,14 +27,14 @@ from setrain.models.se import se_blocks, stage_of
 
 IMAGES_IN_GRID = 32
 # An epoch's metrics (train_metrics, val_metrics) by tag; the same tag in tb/train and tb/val.
-EPOCH_TAGS = {"loss": "loss/epoch", "top1": "accuracy/top1", "top5": "accuracy/top5", "images_per_s": "speed/images_per_s"}
+EPOCH_TAGS = {"loss": "epoch/loss", "top1": "epoch/top1", "top5": "epoch/top5", "images_per_s": "speed/images_per_s"}
 # HPARAMS columns: (run below tb/, tag, name shown); a metric is the last value of its curve.
 HPARAMS_METRICS = [
-    ("val", "accuracy/best_top1", "best val top-1 (%)"),
-    ("val", "accuracy/top1", "val top-1 (%)"),
-    ("val", "accuracy/top5", "val top-5 (%)"),
-    ("val", "loss/epoch", "val loss"),
-    ("train", "loss/epoch", "train loss"),
+    ("val", "epoch/best_top1", "best val top-1 (%)"),
+    ("val", "epoch/top1", "val top-1 (%)"),
+    ("val", "epoch/top5", "val top-5 (%)"),
+    ("val", "epoch/loss", "val loss"),
+    ("train", "epoch/loss", "train loss"),
 ]
 NOT_HPARAMS = ("resume", "resume_force")  # where a run continues from, not how it trains
 _UNSET = object()
@@ -166,8 +167,8 @@ class RunCurves:
     def step(self, step: int, loss: float, lr: float) -> None:
         if self.writers:
             with self._writing():
-                self._writer("train").add_scalar("loss/step", loss, step)
-                self._writer("train").add_scalar("optim/lr", lr, step)
+                self._writer("train").add_scalar("step/loss", loss, step)
+                self._writer("train").add_scalar("step/lr", lr, step)
 
     def epoch(self, step: int, best_top1: float, train: dict, val: dict, model: nn.Module, gate_images: Tensor) -> None:
         """An epoch's train and val metrics (the EMA's in tb/val_ema) and SE gates at optimizer step `step`."""
@@ -177,9 +178,9 @@ class RunCurves:
             for run, metrics in (("train", train), ("val", val)):
                 for key, value in metrics.items():
                     ema = key.startswith("ema_")
-                    tag = EPOCH_TAGS.get(key.removeprefix("ema_"), f"metrics/{key.removeprefix('ema_')}")
+                    tag = EPOCH_TAGS.get(key.removeprefix("ema_"), f"epoch/{key.removeprefix('ema_')}")
                     self._writer(f"{run}_ema" if ema else run).add_scalar(tag, value, step)
-            self._writer("val").add_scalar("accuracy/best_top1", best_top1, step)
+            self._writer("val").add_scalar("epoch/best_top1", best_top1, step)
             add_excitation_histograms(self._writer(""), model, gate_images, step)
             for writer in self.writers.values():
                 writer.flush()
