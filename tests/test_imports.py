@@ -1,0 +1,21 @@
+"""Each entry module imports on its own, first in a fresh interpreter: a circular import shows
+only in the order a command triggers it, which an in-process test suite has long since passed."""
+
+import subprocess
+import sys
+
+import pytest
+
+SLOW = pytest.mark.slow  # a few seconds each; the fast tier keeps train.py's and the checks' orders
+ENTRY_MODULES = [
+    "setrain.cli",  # train.py
+    "setrain.config_checks",
+    *(pytest.param(module, marks=SLOW) for module in ("setrain.engine", "setrain.evaluate", "setrain.predict")),
+    *(pytest.param(module, marks=SLOW) for module in ("setrain.analyze", "setrain.export", "setrain")),
+]
+
+
+@pytest.mark.parametrize("module", ENTRY_MODULES)
+def test_module_imports_first_in_a_fresh_interpreter(module):
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
