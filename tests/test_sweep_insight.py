@@ -93,3 +93,15 @@ def test_tensorboard_reads_the_sweep_as_one_table_led_by_the_swept_key(sweep):
     assert {"epoch/loss", "epoch/top1"} <= tags["0_reduction-4/tb/train"] & tags["1_reduction-8/tb/val"]
     curves = {tag for run, found in tags.items() if not run.endswith("/tb") for tag in found}  # tb/ holds gates, images
     assert all(tag.startswith(("epoch/", "step/", "speed/")) for tag in curves), curves
+
+
+@pytest.mark.slow
+def test_help_lists_the_groups_their_choices_and_each_key_with_its_comment(tmp_path):
+    result = run_cli("model=se_resnet50", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("model: ") and "se_resnet50" in line and "senet154" in line for line in lines)
+    assert any(line.startswith("optimizer: adam, adamw, sgd") for line in lines)
+    assert "  model.se.reduction=16                 r: hidden width C//r of the excitation" in lines
+    assert "  model.name=se_resnet50" in lines  # the chosen model's file
+    assert not any(line.lstrip().startswith(("hydra.", "run.dir", "callbacks")) for line in lines)

@@ -60,6 +60,7 @@ OmegaConf.register_new_resolver(
     ),
     replace=True,
 )
+OmegaConf.register_new_resolver("setrain.help", lambda *, _root_: help_text(_root_), replace=True)
 
 
 def run(hydra_main: Callable[[], object]) -> int:
@@ -134,6 +135,52 @@ class ClaimRunDir(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.claims:
             print(sweep_summary(Path(config.hydra.sweep.dir)))
+
+
+def help_text(root: DictConfig) -> str:
+    """`python train.py --help` (hydra.help.template): the groups with their choices (Hydra's
+    $APP_CONFIG_GROUPS), then every key of the chosen files with its value and the comment that
+    explains it in the YAML, which Hydra's own help leaves out."""
+    configs = next(Path(source.path) for source in root.hydra.runtime.config_sources if source.provider == "main")
+    files = [("", configs / f"{root.hydra.job.config_name}.yaml")] + [
+        (group.replace("/", ".") + ".", configs / group / f"{choice}.yaml")
+        for group, choice in root.hydra.runtime.choices.items()
+        if choice is not None and not group.startswith("hydra/")
+    ]
+    keys = [key for prefix, path in files for key in commented_keys(path, prefix)]
+    lines = []
+    for key, value, comment in sorted(keys):
+        setting = f"  {key}={value}"
+        gap = "\n" + " " * 40 if comment and len(setting) > 38 else " " * (40 - len(setting))
+        lines.append(f"{setting}{gap}{comment}".rstrip())
+    text = "\n".join(lines).replace("$", "$$")  # the template's own placeholders start with $
+    return (
+        "Train Squeeze-and-Excitation networks: python train.py [group=choice ...] [key=value ...]\n"
+        "-m sweeps a key over values (model.se.reduction=4,8,16); README.md has examples.\n\n"
+        "Groups (group=choice; experiment=... and debug=tiny override the others):\n$APP_CONFIG_GROUPS\n\n"
+        f"Keys of the chosen files (key=default  what it does):\n{text}\n"
+    )
+
+
+def commented_keys(path: Path, prefix: str) -> list[tuple[str, str, str]]:
+    """(dotted key, value, comment) of each value in a config file: the comment on its line, or
+    else the comment lines just above it. Lists (`defaults`) and the `hydra` node are left out."""
+    found, parents, above = [], [], []
+    for line in path.read_text().splitlines():
+        text = line.strip()
+        if not text or text.startswith("#"):
+            above = above + [text.lstrip("# ")] if text else []
+            continue
+        indent, (key, _, rest) = len(line) - len(line.lstrip()), text.partition(":")
+        parents = [(level, name) for level, name in parents if level < indent]
+        value, _, comment = rest.partition(" #")
+        dotted = ".".join([name for _, name in parents] + [key])
+        if not value.strip():
+            parents.append((indent, key))
+        elif not text.startswith("-") and not dotted.startswith(("hydra.", "defaults.")):
+            found.append((prefix + dotted, value.strip(), comment.strip() or " ".join(above)))
+        above = []
+    return found
 
 
 def name_jobs_by_swept_keys(config: DictConfig) -> None:
