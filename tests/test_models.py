@@ -260,3 +260,8 @@ def test_every_model_config_builds_its_model():
             model_cfg = OmegaConf.to_container(compose("train", overrides=[f"model={name}"]).model, resolve=True)
             with torch.device("meta"):
                 build_model(model_cfg, num_classes=10)
+
+
+def test_the_se_pattern_lists_every_se_model_and_no_plain_one():
+    assert set(list_models("se*")) == {name for name in list_models() if is_se_model(name)}
+    assert {"senet154", "senet18_cifar", "se_resnet50"} <= set(list_models("se*"))

@@ -23,7 +23,7 @@ def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style pattern, e.g. ``list_models("se_*")``."""
+    """Registered model names matching a shell-style pattern; ``list_models("se*")`` gives every SE model."""
     return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
 
 
