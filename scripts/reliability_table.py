@@ -137,6 +137,7 @@ CASES = {
         Case("SE option on a model without SE", ["model=resnet20", "+model.se.reduction=8"], "test_models.py::test_plain_twin_refuses_se_options"),
         Case("override that does not parse", ["trainer.epochs=["], "test_reliability.py::test_configs_hydra_cannot_compose_are_one_sentence"),
         Case("own config file that is not valid YAML", ["--config-dir", ".", "--config-name", "mine"], "test_reliability.py::test_config_file_that_is_not_valid_yaml_is_one_line", setup=write("mine.yaml", lambda path: path.write_text("defaults:\n  - train\n  - _self_\ntrainer:\n  epochs: [1\n"))),
+        Case("own config file that is not UTF-8 (a Latin-1 comment)", ["--config-dir", ".", "--config-name", "mine"], "test_reliability.py::test_config_file_that_is_not_utf8_is_named_in_one_sentence", setup=write("mine.yaml", lambda path: path.write_bytes(b"defaults:\n  - train\n  - _self_\ntrainer:\n  epochs: 2  # caf\xe9\n"))),
         Case("`${...}` that does not resolve", ["trainer.epochs=${oops}"], "test_reliability.py::test_values_hydra_accepts_but_training_cannot_use_are_refused"),
     ],
     "Values": [

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from conftest import REPO_ROOT, TINY, assert_user_error, compose_config, run_cli
-from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
+from setrain.config_checks import CONFIG_ERRORS, check_values, check_values_before_run, config_error_sentence
 from setrain.data import build_data
 from setrain.engine import train
 from setrain.engine.checkpoint import load_checkpoint, load_model_state
@@ -112,6 +112,15 @@ def test_config_file_that_is_not_valid_yaml_is_one_line(tmp_path):
         "line 6, column 1, while parsing a flow sequence); fix its syntax.",
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_config_file_that_is_not_utf8_is_named_in_one_sentence(tmp_path):
+    (tmp_path / "mine.yaml").write_bytes(b"trainer:\n  epochs: 2  # caf\xe9\n")  # Latin-1, as an old editor saves
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"), pytest.raises(CONFIG_ERRORS) as raised:
+        compose("mine")
+    assert config_error_sentence(raised.value) == (
+        f"Config file {tmp_path / 'mine.yaml'} is not UTF-8 text (byte 0xe9 at position 27); save it as UTF-8."
+    )
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from setrain.config_checks import check_values_before_run, config_error_sentence
+from setrain.config_checks import CONFIG_ERRORS, check_values_before_run, config_error_sentence
 from setrain.engine import train as train_run
 from setrain.engine.rundir import before_run, check_earlier_run, lock_run_dir, undo_refused_run
 from setrain.errors import SetrainError
@@ -55,5 +53,5 @@ def _checked_config(overrides: list[str]) -> DictConfig:
             cfg = compose("train", overrides=overrides, return_hydra_config=True)
             check_values_before_run(cfg)
             return cfg
-    except (HydraException, yaml.YAMLError) as error:
+    except CONFIG_ERRORS as error:
         raise SetrainError(config_error_sentence(error)) from error

@@ -21,15 +21,13 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from setrain.config_checks import check_values, check_values_before_run, config_error_sentence
+from setrain.config_checks import CONFIG_ERRORS, check_values, check_values_before_run, config_error_sentence
 from setrain.engine import signals, train
 from setrain.engine.distributed import launched_rank, restarts_itself
 from setrain.engine.rundir import (
@@ -73,7 +71,7 @@ def run(hydra_main: Callable[[], object]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_main()
-    except (HydraException, yaml.YAMLError) as error:
+    except CONFIG_ERRORS as error:
         if SHOW_TRACEBACKS:
             raise
         print(f"setrain: error: {config_error_sentence(error)}", file=sys.stderr)

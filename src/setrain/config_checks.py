@@ -8,6 +8,7 @@ those before training would trip over them, or silently ignore them.
 
 import copy
 import json
+import traceback
 import warnings
 from pathlib import Path
 
@@ -32,11 +33,18 @@ BUILT_GROUPS = ("model", "data", "optimizer", "scheduler")
 ANY_TYPE_KEYS = ("trainer.precision", "trainer.compile", "trainer.channels_last", "model.se.fused")
 
 
-def config_error_sentence(error: HydraException | yaml.YAMLError) -> str:
+# What composing a config raises for the user's mistakes: Hydra's errors, and a file of their own
+# (`--config-dir`) that is not YAML or not UTF-8 text.
+CONFIG_ERRORS = (HydraException, yaml.YAMLError, UnicodeDecodeError)
+
+
+def config_error_sentence(error: HydraException | yaml.YAMLError | UnicodeDecodeError) -> str:
     """Hydra's report of a config it could not compose, as one sentence naming the accepted values;
     a config file that does not parse (`--config-dir` holds the user's own) reaches here as YAML's."""
     if isinstance(error, yaml.YAMLError):
         return yaml_error_sentence(error)
+    if isinstance(error, UnicodeDecodeError):
+        return encoding_error_sentence(error)
     cause = error.__cause__
     if isinstance(error, MissingConfigException) and error.options:
         group, _, name = error.missing_cfg_file.rpartition("/")
@@ -50,6 +58,13 @@ def config_error_sentence(error: HydraException | yaml.YAMLError) -> str:
             "https://hydra.cc/docs/advanced/override_grammar/basic/ for the syntax."
         )
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def encoding_error_sentence(error: UnicodeDecodeError) -> str:
+    """Which config file is not UTF-8: Hydra's file loader has its path (`full_path`) in its frame."""
+    paths = [frame.f_locals["full_path"] for frame, _ in traceback.walk_tb(error.__traceback__) if "full_path" in frame.f_locals]
+    what = f"Config file {paths[-1]}" if paths else "A config file"
+    return f"{what} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at position {error.start}); save it as UTF-8."
 
 
 def yaml_error_sentence(error: yaml.YAMLError) -> str:
