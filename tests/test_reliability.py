@@ -313,7 +313,8 @@ def test_link_back_up_an_image_tree_is_refused_through_the_cli(tmp_path):
     assert_one_line(
         result,
         f"{train} and {train}/cat/up are the same folder through a symbolic link, so its images would be read "
-        "twice, possibly under another class; remove the link, or copy the images it should add.",
+        "twice, possibly under another class or in both train/ and val/; remove the link, or copy the folder it "
+        "should add.",
     )
 
 
@@ -327,6 +328,35 @@ def test_links_that_loop_or_repeat_a_folder_of_the_tree_are_refused(tmp_path, li
     (tmp_path / "train" / link).symlink_to(target)
     with pytest.raises(SetrainError, match="are the same folder through a symbolic link"):
         build_data({**FOLDER, "root": str(tmp_path)}, CPU)
+
+
+@pytest.mark.parametrize(
+    "link, target, second",
+    [
+        ("train/a/copy.png", "train/b/b_0.png", "image"),  # one image under two classes
+        ("val/a/seen.png", "train/a/a_0.png", "image"),  # a training image validated on
+        ("val", "train", "folder"),  # val/ that is train/
+        ("val/b", "train/b", "folder"),
+    ],
+)
+def test_links_to_what_train_or_val_already_hold_are_refused(tmp_path, link, target, second):
+    write_image_folder(tmp_path / "train", ["a", "b"], per_class=2)
+    if link != "val":
+        write_image_folder(tmp_path / "val", ["a"], per_class=1, seed=1)
+    (tmp_path / link).symlink_to(tmp_path / target)
+    with pytest.raises(SetrainError) as raised:
+        build_data({**FOLDER, "val_fraction": 0.0, "root": str(tmp_path)}, CPU)
+    first, rest = str(raised.value).split(" and ", 1)
+    assert {first, rest.split(" are ")[0]} == {str(tmp_path / target), str(tmp_path / link)}
+    assert f" are the same {second} through a symbolic link" in rest
+
+
+def test_links_to_images_outside_the_tree_are_followed_once(tmp_path):
+    write_image_folder(tmp_path / "elsewhere", ["a"], per_class=2)
+    write_image_folder(tmp_path / "tree" / "train", ["a", "b"], per_class=2)
+    (tmp_path / "tree" / "train" / "a" / "linked.png").symlink_to(tmp_path / "elsewhere" / "a" / "a_0.png")
+    dataset = build_data({**FOLDER, "root": str(tmp_path / "tree")}, CPU).train_loader.dataset.dataset
+    assert sorted(dataset.targets) == [0] * 3 + [1] * 2
 
 
 def test_links_to_folders_outside_the_tree_are_followed_once(tmp_path):

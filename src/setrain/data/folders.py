@@ -53,30 +53,45 @@ def _check_root(root: Path, description: str) -> None:
         )
 
 
-def _check_links(folder: Path) -> None:
-    """ImageFolder follows directory links: one back up the tree loops and gives its class every
-    image, one to a folder the tree already holds labels its images twice. Walk the tree as it
-    does and refuse a folder reached twice; links to folders found once, anywhere, are followed."""
-    seen = {}
-    for path, _, _ in os.walk(folder, followlinks=True):
+def _check_links(folder: Path, seen: dict[str, str]) -> None:
+    """ImageFolder follows links: a folder link back up the tree loops and gives its class every
+    image; a link to a folder or image the trees already hold reads it twice, under another class
+    or in both train/ and val/ (validating on training images). Walk the tree as ImageFolder does
+    and refuse what is reached twice; `seen` (real path -> path) is shared by a dataset's trees.
+    Links to folders and images found once, anywhere, are followed."""
+    folders = [str(folder)]
+    while folders:
+        path = folders.pop()
         real = os.path.realpath(path)
-        if real in seen:
-            raise SetrainError(
-                f"{seen[real]} and {path} are the same folder through a symbolic link, so its images "
-                "would be read twice, possibly under another class; remove the link, or copy the images it "
-                "should add."
-            )
-        seen[real] = path
+        _reached(real, path, seen, "folder", "its images")
+        with os.scandir(path) as entries:
+            for entry in sorted(entries, key=lambda entry: entry.name, reverse=True):
+                if entry.is_dir():
+                    folders.append(entry.path)
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):  # no system call unless it is a link
+                    real_file = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                    _reached(real_file, entry.path, seen, "image", "it")
 
 
-def image_folder(folder: Path, transform) -> datasets.ImageFolder:
+def _reached(real: str, path: str, seen: dict[str, str], what: str, its: str) -> None:
+    if real in seen:
+        raise SetrainError(
+            f"{seen[real]} and {path} are the same {what} through a symbolic link, so {its} would be read "
+            "twice, possibly under another class or in both train/ and val/; remove the link, or copy "
+            f"the {what} it should add."
+        )
+    seen[real] = path
+
+
+def image_folder(folder: Path, transform, seen: dict[str, str]) -> datasets.ImageFolder:
     """ImageFolder over `folder`/<class>/<image>, refusing a missing folder, no classes, an empty
-    class or a folder reached twice through links."""
+    class or a folder or image reached twice through links (also from the dataset's other trees,
+    which share `seen`: see _check_links)."""
     if not folder.is_dir():
         raise SetrainError(
             f"{folder.parent} has no {folder.name}/ folder; put the images in {folder}/<class name>/."
         )
-    _check_links(folder)
+    _check_links(folder, seen)
     try:
         dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb, allow_empty=True)
     except FileNotFoundError as error:  # torchvision: no class folder at all
@@ -137,7 +152,8 @@ def build_folder(
     train_transform, val_transform = _transforms(
         augment, image_size, val_image_size, crop_fraction, randaugment_n, randaugment_m, random_erasing
     )
-    train = image_folder(root / "train", train_transform)
+    seen = {}  # what train/ and val/ hold, by real path
+    train = image_folder(root / "train", train_transform, seen)
     has_val = (root / "val").is_dir()
     if val_fraction and has_val:
         raise SetrainError(
@@ -151,7 +167,7 @@ def build_folder(
             f"{root} has no val/ folder; add root/val/<class>/<image>, or hold out part of train/ "
             "with data.val_fraction=0.1."
         )
-    val = image_folder(root / "val", val_transform)
+    val = image_folder(root / "val", val_transform, seen)
     _same_classes(train, val, root / "val")
     return train, val, len(train.classes)
 
@@ -233,13 +249,15 @@ def build_imagenet(
     train_transform, val_transform = _transforms(
         augment, image_size, val_image_size, crop_fraction, randaugment_n, randaugment_m, random_erasing
     )
-    train = image_folder(root / "train", train_transform)
+    seen = {}  # what train/ and val/ hold, by real path
+    train = image_folder(root / "train", train_transform, seen)
     val_folder = root / "val"
     if not val_folder.is_dir():
         raise SetrainError(f"{root} has no val/ folder; extract ILSVRC2012_img_val.tar into {val_folder}.")
     if any(path.is_dir() for path in val_folder.iterdir()):
-        val = image_folder(val_folder, val_transform)
+        val = image_folder(val_folder, val_transform, seen)
         _same_classes(train, val, val_folder)
     else:
+        _check_links(val_folder, seen)
         val = _devkit_val(root, train.classes, val_transform)
     return train, val, len(train.classes)
