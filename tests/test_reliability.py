@@ -28,7 +28,7 @@ from setrain.engine.checkpoint import load_checkpoint, load_model_state
 from setrain.engine.rundir import lock_run_dir
 from setrain.errors import SetrainError
 from setrain.files import RunLog
-from setrain.models import create_model
+from setrain.models import build_model, create_model
 from setrain.testing import write_cifar10, write_cifar100, write_image_folder, write_stl10
 
 CPU = torch.device("cpu")
@@ -162,6 +162,47 @@ def test_values_hydra_accepts_but_training_cannot_use_are_refused(overrides, mes
     with pytest.raises(SetrainError) as raised:
         checked(*overrides)
     assert str(raised.value).startswith(message), raised.value
+
+
+TRAINER_VALUES = [
+    ("trainer.checkpoint_every_n_steps=-5", "trainer.checkpoint_every_n_steps=-5 must be a positive integer."),
+    ("trainer.early_stop_patience=0", "trainer.early_stop_patience=0 must be a positive integer."),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 must be a positive integer."),
+    ("trainer.grad_clip_norm=-1", "trainer.grad_clip_norm=-1 must be positive, or null for no clipping."),
+    ("trainer.channels_last=maybe", "trainer.channels_last='maybe' is not known; use auto, true or false."),
+]
+MODEL_VALUES = [
+    ("model.se.placement=middle", "model.se.placement='middle' is not known; choose one of: standard, pre, post, identity."),
+    ("model.se.squeeze=median", "model.se.squeeze='median' is not known; choose one of: avg, max."),
+    ("model.se.fused=maybe", "model.se.fused='maybe' is not known; choose one of: auto, true, false."),
+    ("model.se.stages=[7]", "model.se.stages=[7] names stages this network does not have; its residual stages are [2, 3, 4]"),
+    ("model.pretrained=.", "The pretrained weights file . is a folder, not a file; set model.pretrained to a local"),
+]
+DATA_VALUES = [
+    ("data.pipeline=gpu", "data.pipeline='gpu' is not known; use auto, workers or device."),
+    ("data.decode=cpu", "data.decode='cpu' is not known; use device (nvJPEG on CUDA) or workers (libjpeg-turbo)."),
+    ("data.num_workers=-1", "data.num_workers=-1 must be 0 (load in the main process) or more."),
+    ("data.train_size=0", "The shapes training set has 0 images, fewer than one batch of 128; lower data.batch_size or"),
+]
+
+
+@pytest.mark.parametrize("override, message", TRAINER_VALUES + MODEL_VALUES + DATA_VALUES)
+def test_values_that_cannot_work_are_one_sentence_before_training(override, message):
+    """Trainer values by the config checks (before the run dir exists); the model's and the data's
+    by what builds them, as the run does first."""
+    with pytest.raises(SetrainError) as raised:
+        if override.startswith("trainer."):
+            checked(override)
+        elif override.startswith("model."):
+            build_model(OmegaConf.to_container(compose_config(override).model, resolve=True), num_classes=10)
+        else:
+            build_data(OmegaConf.to_container(compose_config(override).data, resolve=True), CPU)
+    assert str(raised.value).startswith(message), raised.value
+
+
+def test_a_folder_given_as_the_checkpoint_is_one_sentence(tiny_config, tmp_path):
+    with pytest.raises(SetrainError, match=r"^Checkpoint \. is a folder, not a file; pass resume=<path"):
+        train(tiny_config("resume=."), tmp_path)
 
 
 @pytest.mark.slow

@@ -56,6 +56,8 @@ def load_torch_file(path: Path, what: str, missing_fix: str, unreadable_fix: str
     """`torch.load` with ``weights_only=True`` onto the CPU: a file that would need to run code to
     unpickle is refused, not executed. `what` names the file in the error ("Checkpoint x.pt");
     the fixes end the sentence for a missing and for an unreadable file."""
+    if path.is_dir():
+        raise SetrainError(f"{what} is a folder, not a file; {missing_fix}.")
     if not path.is_file():
         raise SetrainError(f"{what} does not exist; {missing_fix}.")
     try:
