@@ -213,7 +213,7 @@ def plot(plt, jobs: list[Job], x_key: str | None, metric: str, title: str):
     params.margins(y=0.25)
     params.grid(False)
     ax.margins(x=0.1)
-    ax.legend(handles=ax.lines[:1] + params.lines, loc="best")
+    ax.legend(handles=ax.lines[:1] + params.lines, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -60,8 +60,9 @@ def test_a_sweep_ends_with_one_summary_whose_paths_paste_into_the_next_command(s
         "Table and figures:   python scripts/sweep_report.py r_sweep",
     ]
     assert stdout.count(best_job) == 2  # once where the job starts, once in the summary
-    evaluated = run_module("setrain.evaluate", f"checkpoint={best_job}/checkpoints/best.pt", cwd=cwd)
+    evaluated = run_module("setrain.evaluate", f"checkpoint={best_job}", cwd=cwd)  # the run dir: its best.pt
     assert evaluated.returncode == 0, evaluated.stderr
+    assert (cwd / best_job / "evaluation" / "evaluation.json").is_file()
     assert compose_config(*TINY, f"resume={best_job}/checkpoints/last.pt").resume == f"{best_job}/checkpoints/last.pt"
 
 

@@ -131,10 +131,11 @@ def test_report_of_a_real_reduction_sweep(tmp_path):
         for path in sweep_dir.glob("*/results.json")
     }
     assert [row[1:4] for row in rows(table)] == [
-        [f"model.se.reduction={r}", f"{results[r]['params'] / 1e6:.2f}M", f"{results[r]['best']['val_top1']:.2f}"]
+        [f"model.se.reduction={r}", f"{results[r]['params']:,}", f"{results[r]['best']['val_top1']:.2f}"]
         for r in (2, 4)
     ]
     assert (sweep_dir / "sweep_report.png").stat().st_size > 0
+    assert (sweep_dir / "sweep_curves.png").stat().st_size > 0  # from the jobs' metrics.csv
 
     missing = run_program(str(SCRIPT), str(tmp_path / "nope"), cwd=tmp_path)
     assert_user_error(missing, "setrain: error: Sweep folder")

@@ -66,7 +66,9 @@ def choose_weights(state: dict, weights: str, checkpoint: Path) -> str:
 def load_trained_model(cfg: DictConfig, command: str) -> TrainedModel:
     """The model of `cfg.checkpoint` with the weights `cfg.weights` names, on the CPU.
 
-    `command` ("analyze") ends the error sentence for a checkpoint that cannot be read.
+    `checkpoint` may also be a run dir, as a run or a sweep's summary prints it: its
+    checkpoints/best.pt. `command` ("analyze") ends the error sentence for a checkpoint that
+    cannot be read.
     """
     fixes = (
         "pass checkpoint=<run dir>/checkpoints/best.pt of a finished run",
@@ -75,6 +77,8 @@ def load_trained_model(cfg: DictConfig, command: str) -> TrainedModel:
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise SetrainError(f"No checkpoint given; {fixes[0]}.")
     checkpoint = Path(cfg.checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "checkpoints" / "best.pt"
     state = load_checkpoint(checkpoint, fixes)
     weights = choose_weights(state, cfg.weights, checkpoint)
     num_classes = state[weights]["fc.weight"].shape[0]  # every family's classifier is `fc`
