@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import timm
 import torch
@@ -8,7 +10,8 @@ from torch import nn
 
 from conftest import REPO_ROOT
 from setrain.errors import SetrainError
-from setrain.models import SEBlock, build_model, create_model, is_se_model, list_models, plain_twin
+from setrain.models import SEBlock, build_model, create_model, is_se_model, list_models, plain_twin, registry
+from setrain.models.registry import SE_TWINS
 from setrain.models.resnet import BasicBlock
 
 DEPTHS = [18, 34, 50, 101, 152]
@@ -155,14 +158,14 @@ def test_senet18_cifar_computes_what_pytorch_cifar_senet18_computes():
     torch.testing.assert_close(ours(x), reference(x))
 
 
-def test_registry_lists_every_se_model_with_its_plain_twin():
-    se_models = [name for name in list_models() if is_se_model(name)]
-    assert {
-        "se_resnet50", "se_resnext50_32x4d", "se_resnext101_32x4d", "senet154", "se_mobilenet_v1",
-        "se_resnet20", "se_resnet32", "se_resnet56", "se_resnet110", "senet18_cifar",
-    } <= set(se_models)
-    for name in se_models:
-        assert plain_twin(name) in list_models()
+def test_every_model_with_se_options_is_paired_with_a_registered_plain_twin():
+    """SE_TWINS names every model whose factory takes SE options (`**se`), and each twin exists
+    and takes none."""
+    def takes_se(name):
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(registry._MODELS[name]).parameters.values())
+
+    assert set(SE_TWINS) == {name for name in list_models() if takes_se(name)}
+    assert all(twin in list_models() and not takes_se(twin) for twin in SE_TWINS.values())
 
 
 def test_unknown_model_lists_the_choices():

@@ -50,17 +50,27 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return factory(**kwargs)
 
 
-# SE models whose plain twin is not their name without the "se_" prefix.
-_TWINS = {"senet154": "resnext152_64x4d", "senet18_cifar": "resnet18_cifar"}
+# Every SE model and its plain twin, the same network with SE off: the pairs that tests,
+# scripts/model_table.py and SE-versus-plain comparisons take. A new SE model adds its line.
+SE_TWINS = {
+    "se_resnet18": "resnet18", "se_resnet34": "resnet34", "se_resnet50": "resnet50",
+    "se_resnet101": "resnet101", "se_resnet152": "resnet152",
+    "se_resnext50_32x4d": "resnext50_32x4d", "se_resnext101_32x4d": "resnext101_32x4d",
+    "senet154": "resnext152_64x4d",
+    "se_resnet20": "resnet20", "se_resnet32": "resnet32", "se_resnet56": "resnet56", "se_resnet110": "resnet110",
+    "senet18_cifar": "resnet18_cifar",
+    "se_mobilenet_v1": "mobilenet_v1",
+}  # fmt: skip
 
 
 def plain_twin(name: str) -> str:
-    """The registered model that is `name` with SE off, e.g. ``plain_twin("se_resnet50") == "resnet50"``."""
-    return _TWINS.get(name, name.removeprefix("se_"))
+    """The registered model that is `name` with SE off, e.g. ``plain_twin("se_resnet50") == "resnet50"``;
+    a plain model is its own twin."""
+    return SE_TWINS.get(name, name)
 
 
 def is_se_model(name: str) -> bool:
-    return name != plain_twin(name)
+    return name in SE_TWINS
 
 
 def build_model(model_cfg: dict, num_classes: int) -> nn.Module:
