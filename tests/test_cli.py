@@ -14,7 +14,9 @@ def test_train_then_resume_in_place(tmp_path):
     run_dir = tmp_path / "run"
     first = run_cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "Done: val top-1" in first.stdout and f"Run dir: {run_dir}" in first.stdout
+    assert "Done: val top-1" in first.stdout
+    assert "Curves: tensorboard --logdir run\n" in first.stdout  # relative to the working dir: short to paste
+    assert "Evaluate: python -m setrain.evaluate checkpoint=run/checkpoints/best.pt\n" in first.stdout
     for name in ("checkpoints/last.pt", "checkpoints/best.pt", "results.json", ".hydra/config.yaml"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
