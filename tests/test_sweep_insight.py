@@ -8,6 +8,7 @@ from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import TINY, compose_config, run_cli, run_module
+from setrain.engine.curves import hparams_of
 from setrain.engine.rundir import job_dir_name, swept_keys
 
 
@@ -37,6 +38,20 @@ def test_keys_that_share_their_last_part_are_named_in_full():
 def test_every_path_below_a_job_dir_pastes_unquoted_into_a_command(override):
     checkpoint = f"outputs/multirun/2026-11-28/10-00-00/{job_dir_name(3, [override], [])}/checkpoints/best.pt"
     assert pasted(checkpoint) == checkpoint
+
+
+def test_hparams_are_the_swept_keys_then_the_command_line_then_model_and_data_with_their_types():
+    overrides = [*TINY, "optimizer=adam", "model.se.reduction=4", "trainer.epochs=3", "resume=auto"]
+    cfg = compose_config(*overrides)
+    hparams = hparams_of(cfg, overrides, swept={"model.se.reduction"})
+    assert list(hparams.items()) == [
+        ("model.se.reduction", 4),  # an int, as in the config: TensorBoard gets a number
+        ("debug", "tiny"),  # a group's choice
+        ("optimizer", "adam"),
+        ("trainer.epochs", 3),
+        ("model.name", "se_resnet20"),
+        ("data.name", "shapes"),
+    ]  # resume is where a run continues from, not a setting
 
 
 @pytest.fixture(scope="module")
