@@ -103,6 +103,8 @@ def test_tensorboard_reads_the_sweep_as_one_table_led_by_the_swept_key(sweep):
         assert values["model.se.reduction"].WhichOneof("kind") == "number_value"
         assert values["model.se.reduction"].number_value == reduction and values["trainer.epochs"].number_value == 1
         assert values["model.name"].string_value == "se_resnet20" and values["debug"].string_value == "tiny"
+        end = HParamsPluginData.FromString(contents[session]["_hparams_/session_end_info"]).session_end_info
+        assert end.status == api_pb2.STATUS_SUCCESS
         for metric in experiment.metric_infos:
             assert metric.name.tag in runs.Runs()[f"{session}/{metric.name.group}"]["tensors"]  # scalars, as TensorBoard stores them
     tags = {run: set(found["tensors"]) for run, found in runs.Runs().items()}

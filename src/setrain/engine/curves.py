@@ -71,10 +71,11 @@ def command_line() -> tuple[list[str], set[str]]:
     return overrides, keys - set(hydra.job.config.override_dirname.exclude_keys)
 
 
-def add_hparams(writer: SummaryWriter, cfg: DictConfig) -> None:
-    """The HPARAMS tab's experiment (columns) and this run's session, as TensorBoard's hparams
-    plugin reads them. Every job of a sweep writes the same columns, the swept keys marked as
-    differing, so whichever experiment TensorBoard picks puts them first."""
+def start_session(writer: SummaryWriter, cfg: DictConfig) -> None:
+    """The HPARAMS tab's experiment (columns) and the start of this run's session, as TensorBoard's
+    hparams plugin reads them, so a sweep's running jobs are in the table too. Every job of a sweep
+    writes the same columns, the swept keys marked as differing, so whichever experiment
+    TensorBoard picks puts them first."""
     overrides, swept = command_line()
     hparams = hparams_of(cfg, overrides, swept)
     types = {bool: api_pb2.DATA_TYPE_BOOL, str: api_pb2.DATA_TYPE_STRING}
@@ -90,12 +91,13 @@ def add_hparams(writer: SummaryWriter, cfg: DictConfig) -> None:
     for key, value in hparams.items():
         field = {bool: "bool_value", str: "string_value"}.get(type(value), "number_value")
         setattr(start.hparams[key], field, value)
-    for tag, data in (
-        (metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics))),
-        (metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start)),
-        (metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS))),
-    ):  # fmt: skip
-        writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))]))
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
+    add_hparams_data(writer, metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
+    add_hparams_data(writer, metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start))
+
+
+def add_hparams_data(writer: SummaryWriter, tag: str, data: plugin_data_pb2.HParamsPluginData) -> None:
+    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))]))
 
 
 @torch.inference_mode()
@@ -135,11 +137,15 @@ class RunCurves:
     same methods and nothing happens. A write that fails (a full disk, a read-only dir) stops the
     run with one sentence; the checkpoints written so far stay."""
 
-    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None):
+    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None, cfg: DictConfig):
+        """`purge_step`: the step a resumed run continues from (its session started before)."""
         self.log_dir, self.purge_step, self.writers = log_dir, purge_step, {}
         if enabled:
             for run in ("", "train", "val"):
                 self._writer(run)
+            if purge_step is None:
+                with self._writing():
+                    start_session(self._writer(""), cfg)
 
     def _writer(self, run: str) -> SummaryWriter:
         """The writer of tb/<run> (tb/ itself for ""), made on first use (val_ema with the first EMA metrics)."""
@@ -185,10 +191,12 @@ class RunCurves:
             for writer in self.writers.values():
                 writer.flush()
 
-    def finish(self, cfg: DictConfig) -> None:
+    def finish(self) -> None:
+        """The session's end: HPARAMS shows the run as finished."""
         if self.writers:
             with self._writing():
-                add_hparams(self._writer(""), cfg)
+                end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
+                add_hparams_data(self._writer(""), metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end))
         self.close()
 
     def close(self) -> None:

@@ -118,7 +118,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, processes: Proc
         cfg.model.name, f"{run.num_params:,}", cfg.data.name, cfg.trainer.epochs, device,
         f" x {processes.world_size} processes" if processes.distributed else "", precision, run_dir,
     )  # fmt: skip
-    run.curves = RunCurves(run_dir / "tb", processes.is_main, purge_step=run.state.global_step or None)
+    run.curves = RunCurves(run_dir / "tb", processes.is_main, run.state.global_step or None, cfg)
     if processes.is_main:
         run.gate_images = next(iter(data.val_loader))[0][:HISTOGRAM_IMAGES].to(device, memory_format=trainees.step_settings.memory_format)
         if resume_from is None:
@@ -405,7 +405,7 @@ def _finish(run: Run, precision: str, stopped_early_at: int | None, run_time: fl
     }
     if run.processes.is_main:
         _write_results(results, run.run_dir / "results.json")
-        run.curves.finish(cfg)
+        run.curves.finish()
     log.info(
         "Done: val top-1 %.2f%% (best %.2f%% at epoch %d) in %.0f s.",
         state.metrics["val_top1"], state.best["val_top1"], state.best["epoch"], results["run_time_s"],
