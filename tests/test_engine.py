@@ -195,6 +195,15 @@ def test_a_checkpoint_write_cut_short_leaves_last_pt_to_resume_from(tiny_config,
 
 
 @pytest.mark.slow
+def test_resume_from_a_run_dir_continues_its_last_checkpoint(tiny_config, tmp_path):
+    """The run dir that a run's or a sweep's last lines print is enough for resume=."""
+    train(tiny_config("trainer.epochs=1"), tmp_path / "first")
+    results = train(tiny_config(f"resume={tmp_path / 'first'}"), tmp_path / "second")
+    assert results["final"]["epoch"] == 2
+    assert load_checkpoint(tmp_path / "second" / "checkpoints" / "last.pt")["global_step"] == 8
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["data.pipeline=workers", "data.pipeline=device"])
 def test_resume_inside_an_epoch_replays_the_augmentation(tmp_path, monkeypatch, pipeline):
     """CIFAR files with random crops and flips, by 2 workers or on the device: after resuming,

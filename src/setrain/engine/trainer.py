@@ -59,6 +59,8 @@ HISTOGRAM_IMAGES = 64  # the fixed validation images whose SE gates are histogra
 
 
 def _resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
+    """The checkpoint to continue from: `auto` is this run dir's last.pt, if any; a run dir (as
+    the end of a run or a sweep prints it) is its checkpoints/last.pt; anything else a file."""
     if resume is None:
         return None
     if resume == "auto":
@@ -67,6 +69,8 @@ def _resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
             return last
         log.info("resume=auto: no %s yet, starting from scratch", last)
         return None
+    if (Path(resume) / "checkpoints" / "last.pt").is_file():
+        return Path(resume) / "checkpoints" / "last.pt"
     return Path(resume)
 
 
