@@ -184,6 +184,7 @@ def test_resume_inside_an_epoch_ends_identical_to_an_uninterrupted_run(tiny_conf
     assert (interrupted["epoch"], interrupted["epoch_progress"]["batches"]) == (1, 2)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_cut_short_leaves_last_pt_to_resume_from(tiny_config, tmp_path):
     """kill -9 during torch.save leaves a partial last.pt.tmp beside the intact last.pt."""
     train(tiny_config("trainer.epochs=1"), tmp_path)
@@ -249,6 +250,7 @@ def test_cuda_without_a_gpu_is_a_user_error(tiny_config, tmp_path):
         train(tiny_config("trainer.device=cuda"), tmp_path)
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
     train(tiny_config("trainer.epochs=1"), tmp_path)
     last = tmp_path / "checkpoints" / "last.pt"

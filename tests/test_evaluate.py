@@ -100,6 +100,7 @@ def test_evaluate_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, content, me
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.slow
 def test_an_output_that_cannot_be_written_is_one_sentence_and_leaves_no_part(trained_run, tmp_path):
     out = tmp_path / "out"
     (out / "evaluation.json").mkdir(parents=True)  # a folder where the file goes: the write fails

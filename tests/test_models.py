@@ -229,6 +229,7 @@ def test_channels_last_and_bf16_autocast_compute_the_same_function(name):
     torch.testing.assert_close(low_precision.float(), expected, atol=0.1, rtol=0.1)
 
 
+@pytest.mark.slow
 def test_models_compile_into_one_graph():
     """No graph breaks under torch.compile (the aot_eager backend needs no C++ compiler)."""
     torch.manual_seed(0)
