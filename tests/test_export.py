@@ -17,7 +17,7 @@ from setrain.data.shapes import CLASSES
 from setrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from setrain.errors import SetrainError
 from setrain.export import check_outputs, export_checkpoint, preprocessing
-from setrain.models import build_model, list_models
+from setrain.models import build_model
 from setrain.testing import write_image_folder
 
 CPU = torch.device("cpu")
@@ -107,8 +107,9 @@ def test_model_json_holds_what_turns_an_image_file_into_the_validation_input(tmp
         torch.testing.assert_close(deployed, data.val_transform(load_rgb(str(path))), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_se_mobilenet_exports_to_onnx(tmp_path):
-    """The other model family, through the ONNX path alone; every model: test_every_model_exports."""
+    """The other model family, through the ONNX path alone; others: test_each_kind_of_model_exports."""
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     state = write_checkpoint(checkpoint, "model=se_mobilenet_v1", "model.width_mult=0.25")
     export_checkpoint(export_config(f"checkpoint={checkpoint}", "format=onnx"))
@@ -189,9 +190,15 @@ def test_export_cli_refuses_a_bad_checkpoint_or_format_in_one_line(tmp_path, ove
     assert list(tmp_path.iterdir()) == []
 
 
+# One model per kind of ResNet block and stem: CIFAR basic, ImageNet basic, grouped bottleneck
+# (MobileNet: test_se_mobilenet_exports_to_onnx). Every model of the zoo passed once, on
+# 2026-11-28, in 40 minutes of this test on 2 cores: too long to repeat on every run.
+EXPORTED_KINDS = ["se_resnet20", "se_resnet18", "se_resnext50_32x4d"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list_models())
-def test_every_model_exports(tmp_path, name):
+@pytest.mark.parametrize("name", EXPORTED_KINDS)
+def test_each_kind_of_model_exports(tmp_path, name):
     checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
     state = write_checkpoint(checkpoint, f"model={name}", "data.val_size=4", "data.batch_size=4")
     export_checkpoint(export_config(f"checkpoint={checkpoint}"))
