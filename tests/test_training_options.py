@@ -252,3 +252,10 @@ def test_auto_speed_settings_are_gpu_first_and_leave_the_cpu_as_it_was(monkeypat
     assert resolve_precision("auto", cuda) == "16"
     assert (resolve_precision("bf16", cpu), resolve_channels_last(True, cpu), resolve_compile(False, cuda)) == ("bf16", True, None)
     assert resolve_compile("aot_eager", cpu) == "aot_eager"
+
+
+@pytest.mark.parametrize("visible, local_rank, index", [(8, 3, 3), (1, 3, 0), (4, 5, 1)])
+def test_each_process_takes_the_gpu_it_sees(monkeypatch, visible, local_rank, index):
+    """All of the node's GPUs (torchrun, gpus_per_node) or one per task (SLURM's gpus_per_task=1)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert runtime.process_gpu(local_rank) == torch.device("cuda", index)

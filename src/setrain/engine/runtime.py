@@ -28,6 +28,13 @@ def resolve_device(name: str) -> torch.device:
     raise SetrainError(f"trainer.device={name!r} is not supported; use auto, cpu or cuda.")
 
 
+def process_gpu(local_rank: int) -> torch.device:
+    """The GPU of the process with this rank on its node: its own index when the process sees all
+    the node's GPUs (torchrun, SLURM's gpus_per_node), the one it sees when SLURM gives each task
+    one (gpus_per_task=1 sets CUDA_VISIBLE_DEVICES per task)."""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 # glibc's mallopt parameters (malloc.h) and their default values (mallopt(3)); -1 as the trim
 # threshold turns trimming off.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4

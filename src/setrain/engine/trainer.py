@@ -42,6 +42,7 @@ from setrain.engine.rundir import check_same_run
 from setrain.engine.runtime import (
     PRECISIONS,
     freed_memory_kept,
+    process_gpu,
     resolve_channels_last,
     resolve_compile,
     resolve_device,
@@ -178,7 +179,7 @@ class Run:
 def _configure_process(cfg: DictConfig, device: torch.device, processes: Processes) -> torch.device:
     """This process's device, kernels and seeds; returns the device it trains on."""
     if processes.distributed and device.type == "cuda":
-        device = torch.device("cuda", processes.local_rank)
+        device = process_gpu(processes.local_rank)
         torch.cuda.set_device(device)
     if not processes.is_main:
         logging.getLogger().setLevel(logging.WARNING)
