@@ -67,6 +67,7 @@ def onnx_top1(model_file, data) -> float:
     return 100 * hits / len(data.val_loader.dataset)
 
 
+@pytest.mark.slow
 def test_a_fused_compiled_run_exports_its_ema_weights_as_plain_ops(tmp_path):
     torch.manual_seed(1)
     ema = build_model(compose_config(*TINY).model, 10).state_dict()

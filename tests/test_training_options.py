@@ -114,6 +114,7 @@ def test_plateau_refuses_a_warmup():
         epoch_lrs(plateau, 2)
 
 
+@pytest.mark.slow
 def test_every_option_together_trains_and_checkpoints_its_state(tiny_config, tmp_path):
     config = tiny_config(
         "optimizer=adamw", "scheduler=multistep", "scheduler.milestones=[1]", "scheduler.warmup_epochs=1",
@@ -171,6 +172,7 @@ print(default, kept, faults_of_a_new_64mib_tensor())
 """
 
 
+@pytest.mark.slow
 def test_freed_tensor_memory_is_reused_without_page_faults_until_the_run_ends():
     """In a process of its own, as malloc's settings belong to the process."""
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
