@@ -134,25 +134,38 @@ def test_slurms_warning_signal_saves_requeues_and_the_requeued_job_resumes_to_id
     assert_same_weights(final_weights(run_dir), final_weights(reference))
 
 
+# torch's own rendezvous on 2 busy cores: the restarted agents' c10d store or gloo mesh can time
+# out (seen once in 4 CI runs), which says nothing of setrain; such an attempt is run again.
+RENDEZVOUS_FAILURES = ("RendezvousConnectionError", "connectFullMesh failed")
+
+
 @pytest.mark.slow
 def test_torchrun_on_two_nodes_restarts_the_group_after_a_sigkill_and_ends_with_identical_weights(reference, tmp_path):
     """Two elastic agents on 127.0.0.1 as two nodes of one process each (c10d rendezvous,
     --max-restarts=1); the second node's worker is killed mid-training."""
-    run_dir, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    for attempt in range(2):
+        run_dir, results = two_nodes_with_a_worker_killed(tmp_path / f"attempt_{attempt}")
+        output = results[0][1] + results[1][1]
+        if not any(failure in output for failure in RENDEZVOUS_FAILURES):
+            break
+    assert [status for status, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert "Resumed from" in output and output.count("Done: val top-1") == 1
+    assert_same_weights(final_weights(run_dir), final_weights(reference))
+
+
+def two_nodes_with_a_worker_killed(cwd: Path) -> tuple[Path, list[tuple[int, str]]]:
+    cwd.mkdir()
+    run_dir, endpoint = cwd / "run", f"127.0.0.1:{free_port()}"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
         f"--rdzv-endpoint={endpoint}", "--rdzv-id=setrain-test", "--max-restarts=1", "--monitor-interval=0.1",
         str(REPO_ROOT / "train.py"), *DDP, f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
-    nodes = [start(command, environment(), tmp_path) for _ in range(2)]
+    nodes = [start(command, environment(), cwd) for _ in range(2)]
     wait_for_step(run_dir, "checkpoints/last.pt", 6, nodes[0])
     (worker,) = [pid for pid in process_tree(nodes[1].pid)[1:] if "train.py" in Path(f"/proc/{pid}/cmdline").read_text()]
     os.kill(worker, signal.SIGKILL)
-    results = finish(nodes)
-    assert [status for status, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
-    output = results[0][1] + results[1][1]
-    assert "Resumed from" in output and output.count("Done: val top-1") == 1
-    assert_same_weights(final_weights(run_dir), final_weights(reference))
+    return run_dir, finish(nodes)
 
 
 @pytest.mark.slow
