@@ -59,7 +59,7 @@ def test_unknown_squeeze_or_gate_lists_the_choices():
 
 def expected_output(block: BasicBlock, x: torch.Tensor, placement: str) -> torch.Tensor:
     """The integration strategies of the paper's Fig. 5, written out from the block's parts."""
-    se, residual, shortcut = block.se, block.residual, block.shortcut
+    se, residual, shortcut = block.se, block.residual, block.downsample
     if placement == "standard":
         return torch.relu(se(residual(x)) + shortcut(x))
     if placement == "pre":
@@ -100,7 +100,7 @@ def se_stages(model) -> list[int]:
     """Paper numbers of the stages holding SE blocks (stem = stage 1)."""
     return [
         number
-        for number, stage in enumerate(model.stages, start=2)
+        for number, stage in enumerate(model.stages(), start=2)
         if any(isinstance(m, SEBlock) for m in stage.modules())
     ]
 

@@ -211,7 +211,7 @@ def test_options_refused_and_variants_that_fall_back(caplog):
         model = create_model("se_resnet20", fused=True, placement="pre")
     assert "placement=pre, squeeze=avg run unfused" in caplog.text
     assert not any(getattr(m, "fused", False) for m in model.modules())
-    assert create_model("se_resnet20", fused=True, squeeze="max").stages[0][0].fused is False
+    assert create_model("se_resnet20", fused=True, squeeze="max").layer1[0].fused is False
 
 
 def test_configs_take_the_shared_se_options_and_fused_reaches_the_blocks():

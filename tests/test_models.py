@@ -1,4 +1,5 @@
 import inspect
+import json
 
 import pytest
 import timm
@@ -12,7 +13,8 @@ from conftest import REPO_ROOT
 from setrain.errors import SetrainError
 from setrain.models import SEBlock, build_model, create_model, is_se_model, list_models, plain_twin, registry
 from setrain.models.registry import SE_TWINS
-from setrain.models.resnet import BasicBlock
+from setrain.engine.checkpoint import load_checkpoint
+from setrain.models.resnet import BasicBlock, renamed_from_sequential_layout
 
 DEPTHS = [18, 34, 50, 101, 152]
 
@@ -126,20 +128,21 @@ class PytorchCifarSENet18(nn.Module):
 
 
 def pytorch_cifar_to_setrain_key(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """pytorch-cifar names its stages `layers.<i>`, its shortcut `shortcut` and its classifier
+    `linear`; the conv and BN names are torchvision's, as ours."""
     parts = key.split(".")
-    if parts[0] in ("conv1", "bn1"):
-        return f"stem.{0 if parts[0] == 'conv1' else 1}.{parts[1]}", value
     if parts[0] == "linear":
         return f"fc.{parts[1]}", value
-    stage, block, module = parts[1], parts[2], parts[3]
-    prefix = f"stages.{stage}.{block}"
-    names = {"conv1": "residual.0", "bn1": "residual.1", "conv2": "residual.3", "bn2": "residual.4"}
-    if module in names:
-        return f"{prefix}.{names[module]}.{parts[4]}", value
+    if parts[0] != "layers":
+        return key, value
+    prefix = f"layer{int(parts[1]) + 1}.{parts[2]}"
+    module, rest = parts[3], ".".join(parts[4:])
     if module == "shortcut":
-        return f"{prefix}.shortcut.{parts[4]}.{parts[5]}", value
-    linear = {"fc1": "se.excitation.0", "fc2": "se.excitation.2"}[module]
-    return f"{prefix}.{linear}.{parts[4]}", value.flatten(1) if value.dim() == 4 else value
+        return f"{prefix}.downsample.{rest}", value
+    if module in ("fc1", "fc2"):
+        linear = {"fc1": "se.excitation.0", "fc2": "se.excitation.2"}[module]
+        return f"{prefix}.{linear}.{rest}", value.flatten(1) if value.dim() == 4 else value
+    return f"{prefix}.{module}.{rest}", value
 
 
 def test_senet18_cifar_computes_what_pytorch_cifar_senet18_computes():
@@ -269,3 +272,43 @@ def test_every_model_config_builds_its_model():
 def test_the_se_pattern_lists_every_se_model_and_no_plain_one():
     assert set(list_models("se*")) == {name for name in list_models() if is_se_model(name)}
     assert {"senet154", "senet18_cifar", "se_resnet50"} <= set(list_models("se*"))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_torchvision_state_dicts_load_as_they_are(name):
+    """The layers carry torchvision's names: its files load with a strict load_state_dict, no renaming."""
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, name)().eval()
+    model = create_model(name).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model(x), reference(x))
+
+
+# The keys and shapes setrain's ResNets had before their layers took torchvision's names
+# (`stem.0`, `stages.1.0.residual.3`, `shortcut`), recorded from that code.
+SEQUENTIAL_LAYOUT = json.loads((REPO_ROOT / "tests" / "data" / "sequential_layout_keys.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENTIAL_LAYOUT))
+def test_state_dicts_of_the_sequential_layout_map_onto_todays_names_in_order(name):
+    """One to one and in the same order: the old weights load, and the optimizer state saved beside
+    them, which torch indexes by that order, still fits."""
+    with torch.device("meta"):
+        expected = create_model(name, num_classes=10).state_dict()
+    old = {key: torch.empty(shape, device="meta") for key, shape in SEQUENTIAL_LAYOUT[name]}
+    renamed = renamed_from_sequential_layout(old)
+    assert list(renamed) == list(expected)
+    assert [value.shape for value in renamed.values()] == [value.shape for value in expected.values()]
+
+
+def test_a_checkpoint_of_the_sequential_layout_loads_into_todays_model(tmp_path):
+    old = {key: torch.full(shape, float(index)) for index, (key, shape) in enumerate(SEQUENTIAL_LAYOUT["se_resnet20"])}
+    torch.save({"model": old, "ema": old, "optimizer": {}, "scheduler": {}, "epoch": 1}, tmp_path / "last.pt")
+    checkpoint = load_checkpoint(tmp_path / "last.pt")
+    for weights in ("model", "ema"):
+        model = create_model("se_resnet20")
+        model.load_state_dict(checkpoint[weights])
+        torch.testing.assert_close(model.layer2[0].conv2.weight, old["stages.1.0.residual.3.weight"])
+        torch.testing.assert_close(model.layer3[0].downsample[1].bias, old["stages.2.0.shortcut.1.bias"])
+        torch.testing.assert_close(model.bn1.running_var, old["stem.1.running_var"])

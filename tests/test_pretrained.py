@@ -93,22 +93,21 @@ def test_imported_weights_give_the_reference_outputs(case, tmp_path):
 
 
 def blocks(model):
-    return [block for stage in model.stages for block in stage]
+    return [block for stage in model.stages() for block in stage]
 
 
 def padded_stem_pool(model):
-    model.stem[-1] = torch.nn.MaxPool2d(3, stride=2, padding=1)
+    model.maxpool = torch.nn.MaxPool2d(3, stride=2, padding=1)
 
 
 def stride_on_the_3x3(model):
     for block in blocks(model):
-        first, middle = block.residual[0], block.residual[3]
-        first.stride, middle.stride = middle.stride, first.stride
+        block.conv1.stride, block.conv2.stride = block.conv2.stride, block.conv1.stride
 
 
 def no_relu_before_se(model):
     for block in blocks(model):
-        del block.residual[-1]
+        block.se._forward_pre_hooks.clear()
 
 
 # Cadene's file -> our model, and the undoing of each adaptation to its layout
@@ -248,9 +247,13 @@ def test_se_weights_into_a_plain_twin_are_refused(tmp_path):
 
 
 def test_format_that_contradicts_the_keys_is_refused(tmp_path):
-    path = saved(create_model("resnet20"), tmp_path)
+    path = saved(create_model("se_resnet20"), tmp_path)
     with pytest.raises(SetrainError, match="have setrain keys, not cadene ones"):
-        load_pretrained(create_model("resnet20"), "resnet20", path, file_format="cadene")
+        load_pretrained(create_model("se_resnet20"), "se_resnet20", path, file_format="cadene")
+    with pytest.raises(SetrainError, match="have setrain keys, not torchvision ones"):
+        load_pretrained(create_model("se_resnet20"), "se_resnet20", path, file_format="torchvision")
+    plain = saved(create_model("resnet20"), tmp_path)  # a plain setrain ResNet has torchvision's keys
+    load_pretrained(create_model("resnet20"), "resnet20", plain, file_format="setrain")
     with pytest.raises(SetrainError, match="pretrained_format='caffe' is not known"):
         load_pretrained(create_model("resnet20"), "resnet20", path, file_format="caffe")
 
@@ -276,9 +279,9 @@ def test_cli_trains_from_imported_weights(tmp_path):
     common = (*TINY, "trainer.epochs=1", "model=resnet20")
     result = run_cli(*common, "optimizer.lr=1e-9", "model.pretrained=resnet20.pt", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "Imported 128 tensors from resnet20.pt (setrain layout) into resnet20" in result.stdout
+    assert "Imported 128 tensors from resnet20.pt (torchvision/timm layout) into resnet20" in result.stdout
     trained = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["model"]
-    torch.testing.assert_close(trained["stem.0.weight"], weights["stem.0.weight"])
+    torch.testing.assert_close(trained["conv1.weight"], weights["conv1.weight"])
 
     (tmp_path / "broken.pt").write_bytes(b"truncated")
     result = run_cli(*common, "model.pretrained=broken.pt", f"hydra.run.dir={tmp_path / 'broken'}", cwd=tmp_path)

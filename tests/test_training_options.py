@@ -126,7 +126,7 @@ def test_every_option_together_trains_and_checkpoints_its_state(tiny_config, tmp
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert results["global_step"] == 3 * 2  # 4 batches per epoch, a step per 2
     assert state["scaler"]["scale"] > 0 and state["ema_updates"] == 6
-    assert state["model"]["stem.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert state["model"]["conv1.weight"].is_contiguous(memory_format=torch.channels_last)
     assert not torch.equal(state["ema"]["fc.weight"], state["model"]["fc.weight"])
     assert {"val_ema_top1", "val_top1"} <= set(results["final"])
 

@@ -19,6 +19,7 @@ from setrain.engine.loop import EpochTotals, StepSettings
 from setrain.engine.runtime import rng_states
 from setrain.errors import SetrainError
 from setrain.files import load_torch_file, write_atomically
+from setrain.models.resnet import renamed_from_sequential_layout
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,9 @@ def load_checkpoint(path: Path | str, fixes: tuple[str, str] = RESUME_FIXES) -> 
             f"Checkpoint {path} is not a setrain training checkpoint (it lacks "
             f"{', '.join(REQUIRED_KEYS)}); pass one written by setrain under checkpoints/."
         )
+    for weights in ("model", "ema"):  # checkpoints written before the layers took torchvision's names
+        if isinstance(state.get(weights), dict):
+            state[weights] = renamed_from_sequential_layout(state[weights])
     return state
 
 

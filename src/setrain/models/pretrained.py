@@ -1,9 +1,10 @@
 """Weight import from a local file: torchvision, timm and Cadene (pretrained-models) ResNet state dicts.
 
 `model.pretrained=<path>` names a file saved with ``torch.save`` (`imagenet` downloads the model's
-released file first, setrain.models.released). Keys are renamed to ours (`layer2.0.conv2` ->
-`stages.1.0.residual.3`), the 1x1-conv excitation kernels of
-timm and Cadene become our SE Linear weights, and everything is checked before anything is loaded.
+released file first, setrain.models.released). Our ResNets carry torchvision's layer names, so only
+SE layers (`se.fc1` -> `se.excitation.0`) and Cadene's stem and classifier are renamed; the
+1x1-conv excitation kernels of timm and Cadene become our SE Linear weights, and everything is
+checked before anything is loaded.
 Two holes are allowed and logged: SE layers absent from a plain network's file (torchvision
 ResNets into SE-ResNets) and a classifier for another number of classes (fine-tuning) keep their
 fresh initialisation.
@@ -18,12 +19,17 @@ from torch import Tensor, nn
 
 from setrain.errors import SetrainError
 from setrain.files import load_torch_file
+from setrain.models.resnet import renamed_from_sequential_layout
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "torchvision", "timm", "cadene", "setrain")
-# timm's ResNets use torchvision's names (plus `se.fc1/fc2`): one layout, one mapping.
-_LAYOUTS = {"torchvision": "torchvision", "timm": "torchvision", "cadene": "cadene", "setrain": "setrain"}
+# The key layouts each format's files have: timm's ResNets use torchvision's names (plus
+# `se.fc1/fc2`), and so do setrain's, whose SE layers alone are named otherwise.
+_LAYOUTS = {
+    "torchvision": ("torchvision",), "timm": ("torchvision",), "cadene": ("cadene",),
+    "setrain": ("setrain", "torchvision"),
+}
 _LAYOUT_NAMES = {"torchvision": "torchvision/timm", "cadene": "Cadene/timm legacy_*", "setrain": "setrain"}
 
 # Cadene's SE-ResNet-50/101/152 (its SEResNetBottleneck) stride the first 1x1 conv, as the Caffe
@@ -65,7 +71,7 @@ def detect_layout(state_dict: dict[str, Tensor]) -> str:
     keys = list(state_dict)
     if any(key.startswith(("layer0.", "last_linear.")) or ".se_module." in key for key in keys):
         return "cadene"
-    if any(key.startswith(("stem.", "stages.")) for key in keys):
+    if any(key.startswith(("stem.", "stages.")) or ".se.excitation." in key for key in keys):
         return "setrain"
     if any(key.startswith("layer1.") for key in keys):
         return "torchvision"
@@ -75,41 +81,35 @@ def detect_layout(state_dict: dict[str, Tensor]) -> str:
     )
 
 
-def _position(layer: str, number: str) -> int:
-    """Index of conv<n> / bn<n> in our Sequentials, which interleave (conv, bn, relu) triples."""
-    return 3 * (int(number) - 1) + (layer == "bn")
-
-
-_BLOCK_RENAMES = [  # inside `layer<s>.<b>.` of torchvision, timm and Cadene
-    (r"^(conv|bn)(\d)\.", lambda match: f"residual.{_position(*match.groups())}."),
-    (r"^downsample\.", "shortcut."),
-    (r"^se(_module)?\.fc1\.", "se.excitation.0."),
-    (r"^se(_module)?\.fc2\.", "se.excitation.2."),
+# Our ResNets carry torchvision's names (timm's too); only the SE layers and Cadene's stem and
+# classifier are named otherwise.
+_RENAMES = [
+    (r"^(layer\d+\.\d+)\.se(_module)?\.fc1\.", r"\1.se.excitation.0."),
+    (r"^(layer\d+\.\d+)\.se(_module)?\.fc2\.", r"\1.se.excitation.2."),
+    (r"^last_linear\.", "fc."),
 ]
 
 
 def _our_key(key: str, deep_stem: bool) -> str:
     """Our name for a torchvision/timm/Cadene key; a key it does not know is kept as it is."""
-    if match := re.match(r"^layer([1-9])\.(\d+)\.(.*)$", key):
-        stage, block, rest = match.groups()
-        for pattern, replacement in _BLOCK_RENAMES:
-            rest = re.sub(pattern, replacement, rest)
-        return f"stages.{int(stage) - 1}.{block}.{rest}"
-    if match := re.match(r"^layer0\.(conv|bn)(\d)\.(.*)$", key):  # Cadene stem
-        layer, number, rest = match.groups()
-        return f"stem.{_position(layer, number)}.{rest}"
-    if match := re.match(r"^conv1\.(\d+\.)?(.*)$", key):  # timm's deep stem is a Sequential conv1
-        return f"stem.{match[1] or '0.'}{match[2]}"
-    if key.startswith("bn1."):  # after the 7x7 conv, or after the deep stem's third conv
-        return ("stem.7." if deep_stem else "stem.1.") + key.removeprefix("bn1.")
-    return re.sub(r"^(fc|last_linear)\.", "fc.", key)
+    if match := re.match(r"^layer0\.(conv|bn)(\d)\.(.*)$", key):  # Cadene's stem
+        layer, number, rest = match[1], int(match[2]), match[3]
+        if not deep_stem:
+            return f"{layer}1.{rest}"
+        if (layer, number) == ("bn", 3):
+            return f"bn1.{rest}"
+        return f"conv1.{3 * (number - 1) + (layer == 'bn')}.{rest}"  # timm's deep-stem Sequential
+    for pattern, replacement in _RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
 
 
 def convert_state_dict(state_dict: dict[str, Tensor], layout: str) -> dict[str, tuple[str, Tensor]]:
     """Our key -> (the file's key, tensor in our shape) for a state dict in `layout`."""
     if layout == "setrain":
+        state_dict = renamed_from_sequential_layout(state_dict)
         return {key: (key, value) for key, value in state_dict.items()}
-    deep_stem = "conv1.0.weight" in state_dict
+    deep_stem = "layer0.conv2.weight" in state_dict
     converted = {}
     for key, value in state_dict.items():
         ours = _our_key(key, deep_stem)
@@ -119,29 +119,35 @@ def convert_state_dict(state_dict: dict[str, Tensor], layout: str) -> dict[str, 
     return converted
 
 
+def _relu_before(module: nn.Module, inputs: tuple[Tensor]) -> tuple[Tensor]:
+    return (torch.relu(inputs[0]),)
+
+
 def adapt_to_cadene_layout(model: nn.Module, model_name: str) -> list[str]:
     """Make `model` compute what Cadene's SENets (timm's legacy_*) compute with the same weights.
 
     Their parameters have our shapes, but choices of the original Caffe models change the
     outputs, so weights trained with them need them: the stem's 3x3/2 max pool rounds up
     (ceil_mode) instead of padding by 1, and SE-ResNet-50/101/152 put a block's stride on its first
-    1x1 conv instead of the 3x3; timm's SE-ResNet-18/34 ports add a ReLU before SE. No key or shape
+    1x1 conv instead of the 3x3; timm's SE-ResNet-18/34 ports add a ReLU before SE (a hook on
+    each SE block, whose input it is; those blocks then run unfused). No key or shape
     changes: a run resumed with the same config imports the file again and so gets the same
     layout, but a checkpoint of it used as `model.pretrained` does not. Returns what was changed,
     for the log.
     """
     changes = []
-    if isinstance(model.stem[-1], nn.MaxPool2d):
-        model.stem[-1] = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+    blocks = [block for stage in model.stages() for block in stage]
+    if isinstance(model.maxpool, nn.MaxPool2d):
+        model.maxpool = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         changes.append("stem max pool with ceil_mode and no padding")
     if model_name in _STRIDE_IN_FIRST_CONV:
-        for block in (block for stage in model.stages for block in stage):
-            first, middle = block.residual[0], block.residual[3]
-            first.stride, middle.stride = middle.stride, first.stride
+        for block in blocks:
+            block.conv1.stride, block.conv2.stride = block.conv2.stride, block.conv1.stride
         changes.append("stride on the first 1x1 conv of each downsampling block")
     if model_name in _RELU_BEFORE_SE:
-        for block in (block for stage in model.stages for block in stage):
-            block.residual.append(nn.ReLU(inplace=True))
+        for block in blocks:
+            block.se.register_forward_pre_hook(_relu_before)
+            block.fused = False
         changes.append("a ReLU before SE in each block")
     return changes
 
@@ -204,7 +210,7 @@ def load_pretrained(model: nn.Module, model_name: str, path: Path | str, file_fo
         )
     state_dict = read_state_dict(path)
     layout = detect_layout(state_dict)
-    if file_format != "auto" and _LAYOUTS[file_format] != layout:
+    if file_format != "auto" and layout not in _LAYOUTS[file_format]:
         raise SetrainError(
             f"Pretrained weights {path} have {_LAYOUT_NAMES[layout]} keys, not {file_format} ones; "
             "set model.pretrained_format=auto."

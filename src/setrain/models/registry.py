@@ -7,8 +7,6 @@ from typing import Callable
 from torch import nn
 
 from setrain.errors import SetrainError
-from setrain.models.pretrained import load_pretrained
-from setrain.models.released import IMAGENET, released_weights
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -71,23 +69,3 @@ def plain_twin(name: str) -> str:
 
 def is_se_model(name: str) -> bool:
     return name in SE_TWINS
-
-
-def build_model(model_cfg: dict, num_classes: int) -> nn.Module:
-    """The model a `model:` config describes (configs/model/<name>.yaml).
-
-    `name` picks the factory; the SE options under `se` and any other keys (e.g. `width_mult`)
-    are its keyword arguments. `pretrained` names a weights file to import (see
-    `setrain.models.pretrained`), or is `imagenet` for the model's released weights (see
-    `setrain.models.released`); they are imported even when a run resumes, because a Cadene file
-    also sets the layout, and the checkpoint's weights then replace the imported ones.
-    """
-    reserved = ("name", "se", "pretrained", "pretrained_format")
-    options = {key: value for key, value in model_cfg.items() if key not in reserved}
-    model = create_model(
-        model_cfg["name"], num_classes=num_classes, **options, **model_cfg.get("se", {})
-    )
-    if (pretrained := model_cfg.get("pretrained")) is not None:
-        path = released_weights(model_cfg["name"]) if pretrained == IMAGENET else pretrained
-        load_pretrained(model, model_cfg["name"], path, model_cfg.get("pretrained_format", "auto"))
-    return model

@@ -3,9 +3,12 @@
 SE sits on the residual branch after the last BN and before the addition with the shortcut,
 the "SE-ResNet module" of the paper's Fig. 3; `placement` moves it as in the paper's Fig. 5.
 Shortcuts that change shape are 1x1 conv + BN (option B of He et al.), so the ImageNet models
-equal torchvision's ResNets/ResNeXts and the released SENets parameter for parameter.
+equal torchvision's ResNets/ResNeXts and the released SENets parameter for parameter. Layers
+carry torchvision's names (conv1, bn1, layer1.0.conv2, layer1.0.downsample.0, fc), so its files
+load as they are; SE adds `se` to each block, as in timm.
 """
 
+import re
 from typing import Sequence
 
 from torch import Tensor, nn
@@ -20,7 +23,7 @@ PLACEMENTS = ("standard", "pre", "post", "identity")
 SE_OPTIONS = ("reduction", "squeeze", "gate", "placement", "stages", "fused")
 
 
-def _projection(in_channels: int, out_channels: int, stride: int, kernel_size: int) -> nn.Module:
+def _downsample(in_channels: int, out_channels: int, stride: int, kernel_size: int) -> nn.Module:
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
     kernel_size = kernel_size if stride > 1 else 1
@@ -30,9 +33,11 @@ def _projection(in_channels: int, out_channels: int, stride: int, kernel_size: i
     )
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets), SE, and the shortcut.
+class ResidualBlock(nn.Module):
+    """What BasicBlock and Bottleneck share: SE, the shortcut and the forward pass.
 
+    A block's branch is conv1, bn1, ReLU, ..., conv<n>, bn<n> (`depth` pairs, built by the
+    subclass before `_add_se_and_downsample`, so parameters keep torchvision's order).
     `placement` is where SE acts (TPAMI Sec. 6.5, Fig. 5): "standard" on the residual branch
     before the addition, "pre" on the input of the residual branch, "post" after the addition
     and its ReLU, "identity" on the shortcut, in parallel to the residual branch.
@@ -41,49 +46,37 @@ class BasicBlock(nn.Module):
     """
 
     expansion = 1
+    depth = 2
 
-    def __init__(
-        self,
-        in_channels: int,
-        planes: int,
-        stride: int,
-        se: dict | None = None,
-        placement: str = "standard",
-        down_kernel_size: int = 1,
-        fused=False,
-        **branch_args,
-    ):
-        super().__init__()
-        out_channels = planes * self.expansion
-        self.residual = self.residual_branch(in_channels, planes, stride, **branch_args)
+    def _add_se_and_downsample(
+        self, in_channels: int, out_channels: int, stride: int, se: dict | None, placement: str,
+        down_kernel_size: int, fused,
+    ) -> None:  # fmt: skip
+        self.relu = nn.ReLU(inplace=True)
         se_channels = in_channels if placement == "pre" else out_channels
         self.se = SEBlock(se_channels, **se) if se is not None else nn.Identity()
         self.placement = placement
         self.fused = fused if se is not None else False
-        self.shortcut = _projection(in_channels, out_channels, stride, down_kernel_size)
-        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(in_channels, out_channels, stride, down_kernel_size)
 
-    @staticmethod
-    def residual_branch(in_channels: int, planes: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(in_channels, planes, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(planes, planes, 3, padding=1, bias=False),
-            nn.BatchNorm2d(planes),
-        )
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        return getattr(self, f"bn{self.depth}")
+
+    def residual(self, x: Tensor, last_bn: bool = True) -> Tensor:
+        """The residual branch; without its last BN when `last_bn` is false (the fused tail applies it)."""
+        for number in range(1, self.depth):
+            x = self.relu(getattr(self, f"bn{number}")(getattr(self, f"conv{number}")(x)))
+        x = getattr(self, f"conv{self.depth}")(x)
+        return self.last_bn(x) if last_bn else x
 
     def forward(self, x: Tensor) -> Tensor:
-        if takes_fused_path(self.fused, x, self.residual[-1]):
-            *layers, bn = self.residual
-            branch = x
-            for layer in layers:
-                branch = layer(branch)
-            return se_residual_tail(branch, self.shortcut(x), bn, self.se)
+        if takes_fused_path(self.fused, x, self.last_bn):
+            return se_residual_tail(self.residual(x, last_bn=False), self.downsample(x), self.last_bn, self.se)
         branch = self.residual(self.se(x) if self.placement == "pre" else x)
         if self.placement == "standard":
             branch = self.se(branch)
-        shortcut = self.shortcut(x)
+        shortcut = self.downsample(x)
         if self.placement == "identity":
             shortcut = self.se(shortcut)
         branch += shortcut  # in place, as torchvision and timm: one feature map fewer to allocate
@@ -91,54 +84,58 @@ class BasicBlock(nn.Module):
         return self.se(out) if self.placement == "post" else out
 
 
-class Bottleneck(BasicBlock):
-    """1x1 reduce, 3x3 (carrying the stride, as torchvision), 1x1 expand.
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets), SE, and the shortcut."""
+
+    def __init__(
+        self, in_channels: int, planes: int, stride: int, se: dict | None = None,
+        placement: str = "standard", down_kernel_size: int = 1, fused=False,
+    ):  # fmt: skip
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self._add_se_and_downsample(in_channels, planes, stride, se, placement, down_kernel_size, fused)
+
+
+class Bottleneck(ResidualBlock):
+    """1x1 reduce, 3x3 (carrying the stride, as torchvision), 1x1 expand, SE, and the shortcut.
 
     ResNet-50/101/152 use one group of `planes` channels; ResNeXt's 32x4d uses `groups=32` of
     `width_per_group=4` channels in the 3x3. SENet-154 halves the first 1x1 (`reduce_first=2`).
     """
 
     expansion = 4
+    depth = 3
 
-    @staticmethod
-    def residual_branch(
-        in_channels: int,
-        planes: int,
-        stride: int,
-        groups: int = 1,
-        width_per_group: int = 64,
-        reduce_first: int = 1,
-    ) -> nn.Sequential:
+    def __init__(
+        self, in_channels: int, planes: int, stride: int, se: dict | None = None,
+        placement: str = "standard", down_kernel_size: int = 1, fused=False,
+        groups: int = 1, width_per_group: int = 64, reduce_first: int = 1,
+    ):  # fmt: skip
+        super().__init__()
         width = planes * width_per_group // 64 * groups
         first = width // reduce_first
-        out_channels = planes * Bottleneck.expansion
-        return nn.Sequential(
-            nn.Conv2d(in_channels, first, 1, bias=False),
-            nn.BatchNorm2d(first),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(first, width, 3, stride=stride, padding=1, groups=groups, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
+        out_channels = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, first, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(first)
+        self.conv2 = nn.Conv2d(first, width, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self._add_se_and_downsample(in_channels, out_channels, stride, se, placement, down_kernel_size, fused)
 
 
-def _stem(kind: str, in_chans: int, width: int) -> tuple[nn.Sequential, int]:
-    """The layers before the first stage, and their output channels."""
+def _stem_conv(kind: str, in_chans: int, width: int) -> tuple[nn.Module, int]:
+    """conv1, the convs before the stem's BN, ReLU and max pool, and its output channels."""
     if kind == "imagenet":  # 7x7/2 conv and 3x3/2 max pool for 224 px (He et al. Table 1)
-        layers = conv_bn_relu(in_chans, width, 7, 2) + [nn.MaxPool2d(3, stride=2, padding=1)]
-        return nn.Sequential(*layers), width
-    if kind == "deep":  # SENet-154: three 3x3 convs replace the 7x7 (TPAMI Sec. 4, appendix)
-        layers = (
-            conv_bn_relu(in_chans, width, 3, 2)
-            + conv_bn_relu(width, width, 3, 1)
-            + conv_bn_relu(width, 2 * width, 3, 1)
-            + [nn.MaxPool2d(3, stride=2, padding=1)]
-        )
-        return nn.Sequential(*layers), 2 * width
-    if kind == "cifar":  # one 3x3 conv at full resolution for 32 px (He et al. Sec. 4.2)
-        return nn.Sequential(*conv_bn_relu(in_chans, width, 3, 1)), width
+        return nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False), width
+    if kind == "deep":  # SENet-154: three 3x3 convs replace the 7x7 (TPAMI Sec. 4, appendix), as timm's conv1
+        layers = conv_bn_relu(in_chans, width, 3, 2) + conv_bn_relu(width, width, 3, 1)
+        return nn.Sequential(*layers, nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)), 2 * width
+    if kind == "cifar":  # one 3x3 conv at full resolution for 32 px (He et al. Sec. 4.2), no max pool
+        return nn.Conv2d(in_chans, width, 3, padding=1, bias=False), width
     raise ValueError(f"unknown stem {kind!r}; expected 'imagenet', 'deep' or 'cifar'")
 
 
@@ -169,7 +166,7 @@ def _se_per_stage(se: dict | None, num_stages: int) -> tuple[list[dict | None], 
 class ResNet(nn.Module):
     """A stem, stages of residual blocks (the first at stride 1, the rest at stride 2), a classifier.
 
-    `stem`: "imagenet", "deep" (SENet-154) or "cifar", see `_stem`.
+    `stem`: "imagenet", "deep" (SENet-154) or "cifar", see `_stem_conv`.
     `se`: the SE options (reduction, squeeze, gate, placement, stages, fused), or None for the plain
     network. `block_args`: the block's branch options (groups, width_per_group, reduce_first).
     `down_kernel_size`: 3 gives SENet-154's 3x3 strided projection shortcuts.
@@ -178,7 +175,7 @@ class ResNet(nn.Module):
 
     def __init__(
         self,
-        block: type[BasicBlock],
+        block: type[ResidualBlock],
         layers: Sequence[int],
         widths: Sequence[int] = (64, 128, 256, 512),
         stem: str = "imagenet",
@@ -191,9 +188,12 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         self.native_input_size = 32 if stem == "cifar" else 224  # what the design was made for
-        self.stem, in_channels = _stem(stem, in_chans, widths[0])
+        self.conv1, in_channels = _stem_conv(stem, in_chans, widths[0])
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if stem == "cifar" else nn.MaxPool2d(3, stride=2, padding=1)
         stage_se, placement, fused = _se_per_stage(se, len(layers))
-        stages = []
+        self.num_stages = len(layers)
         for index, (depth, width) in enumerate(zip(layers, widths)):
             blocks = []
             for block_index in range(depth):
@@ -205,9 +205,8 @@ class ResNet(nn.Module):
                     )
                 )
                 in_channels = width * block.expansion
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+            self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes)
 
@@ -218,11 +217,46 @@ class ResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def stages(self) -> list[nn.Sequential]:
+        """layer1, layer2, ...: the paper's stages 2, 3, ... (the stem is stage 1)."""
+        return [getattr(self, f"layer{number}") for number in range(1, self.num_stages + 1)]
+
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.stages(self.stem(x))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in self.stages():
+            x = stage(x)
+        return x
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.dropout(self.pool(self.forward_features(x)).flatten(1)))
+        return self.fc(self.dropout(self.avgpool(self.forward_features(x)).flatten(1)))
+
+
+def renamed_from_sequential_layout(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A ResNet state dict saved by setrain before its layers took torchvision's names
+    (`stem.0`, `stages.1.0.residual.3`, `shortcut`), renamed to today's (`conv1`, `layer2.0.conv2`,
+    `downsample`); any other state dict is returned as it is. Parameters kept their order, so
+    the optimizer state saved beside such weights still fits."""
+    if not any(re.match(r"^(module\.)?stages\.", key) for key in state_dict):
+        return state_dict
+    deep_stem = any(re.match(r"^(module\.)?stem\.7\.", key) for key in state_dict)
+    return {_renamed_key(key, deep_stem): value for key, value in state_dict.items()}
+
+
+def _renamed_key(key: str, deep_stem: bool) -> str:
+    prefix, key = ("module.", key.removeprefix("module.")) if key.startswith("module.") else ("", key)
+    if match := re.match(r"^stem\.(\d+)\.(.*)$", key):
+        index, rest = int(match[1]), match[2]
+        if deep_stem:  # conv-BN-ReLU x3, then a max pool: the third BN is bn1, the rest conv1
+            return prefix + (f"bn1.{rest}" if index == 7 else f"conv1.{index}.{rest}")
+        return prefix + f"{'conv1' if index == 0 else 'bn1'}.{rest}"
+    if match := re.match(r"^stages\.(\d+)\.(\d+)\.(.*)$", key):
+        stage, block, rest = int(match[1]), match[2], match[3]
+        if branch := re.match(r"^residual\.(\d+)\.(.*)$", rest):  # (conv, BN, ReLU) triples
+            index = int(branch[1])
+            rest = f"{'bn' if index % 3 else 'conv'}{index // 3 + 1}.{branch[2]}"
+        rest = re.sub(r"^shortcut\.", "downsample.", rest)
+        return prefix + f"layer{stage + 1}.{block}.{rest}"
+    return prefix + key
 
 
 # Every SE factory takes `**se`: the SE options of ResNet (reduction, squeeze, gate, placement,

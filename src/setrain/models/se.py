@@ -1,5 +1,7 @@
 """The Squeeze-and-Excitation block, defined once and used by every model family."""
 
+import re
+
 from torch import Tensor, nn
 
 from setrain.errors import SetrainError
@@ -83,13 +85,12 @@ class SEBlock(nn.Module):
 
 def se_blocks(model: nn.Module) -> dict[str, SEBlock]:
     """The SE blocks in forward order, named as in the paper's Fig. 6: SE_<stage>_<block> in
-    ResNets (the stem is stage 1, so `stages[0]` is stage 2), SE_<n> in networks without stages."""
+    ResNets (the stem is stage 1, so `layer1` is stage 2), SE_<n> in networks without stages."""
     blocks = {}
     for name, module in model.named_modules():
         if isinstance(module, SEBlock):
-            parts = name.split(".")
-            if parts[0] == "stages":
-                blocks[f"SE_{int(parts[1]) + 2}_{int(parts[2]) + 1}"] = module
+            if stage := re.match(r"^layer(\d+)\.(\d+)\.", name):
+                blocks[f"SE_{int(stage[1]) + 1}_{int(stage[2]) + 1}"] = module
             else:
                 blocks[f"SE_{len(blocks) + 1}"] = module
     return blocks
