@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from conftest import REPO_ROOT, TINY, assert_user_error, compose_config, run_cli
+from setrain import config_checks
 from setrain.config_checks import CONFIG_ERRORS, check_values, check_values_before_run, config_error_sentence
 from setrain.data import build_data
 from setrain.engine import train
@@ -164,12 +165,15 @@ def test_values_hydra_accepts_but_training_cannot_use_are_refused(overrides, mes
     assert str(raised.value).startswith(message), raised.value
 
 
-TRAINER_VALUES = [
+CHECKED_VALUES = [  # by the config checks
     ("trainer.checkpoint_every_n_steps=-5", "trainer.checkpoint_every_n_steps=-5 must be a positive integer."),
     ("trainer.early_stop_patience=0", "trainer.early_stop_patience=0 must be a positive integer."),
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 must be a positive integer."),
     ("trainer.grad_clip_norm=-1", "trainer.grad_clip_norm=-1 must be positive, or null for no clipping."),
     ("trainer.channels_last=maybe", "trainer.channels_last='maybe' is not known; use auto, true or false."),
+    ("data.pipeline=gpu", "data.pipeline='gpu' is not known; use auto, workers or device."),
+    ("data.decode=cpu", "data.decode='cpu' is not known; use device (nvJPEG on CUDA) or workers (libjpeg-turbo)."),
+    ("data.num_workers=-1", "data.num_workers=-1 must be 0 (load in the main process) or more."),
 ]
 MODEL_VALUES = [
     ("model.se.placement=middle", "model.se.placement='middle' is not known; choose one of: standard, pre, post, identity."),
@@ -179,19 +183,16 @@ MODEL_VALUES = [
     ("model.pretrained=.", "The pretrained weights file . is a folder, not a file; set model.pretrained to a local"),
 ]
 DATA_VALUES = [
-    ("data.pipeline=gpu", "data.pipeline='gpu' is not known; use auto, workers or device."),
-    ("data.decode=cpu", "data.decode='cpu' is not known; use device (nvJPEG on CUDA) or workers (libjpeg-turbo)."),
-    ("data.num_workers=-1", "data.num_workers=-1 must be 0 (load in the main process) or more."),
     ("data.train_size=0", "The shapes training set has 0 images, fewer than one batch of 128; lower data.batch_size or"),
 ]
 
 
-@pytest.mark.parametrize("override, message", TRAINER_VALUES + MODEL_VALUES + DATA_VALUES)
+@pytest.mark.parametrize("override, message", CHECKED_VALUES + MODEL_VALUES + DATA_VALUES)
 def test_values_that_cannot_work_are_one_sentence_before_training(override, message):
-    """Trainer values by the config checks (before the run dir exists); the model's and the data's
-    by what builds them, as the run does first."""
+    """Trainer and loader values by the config checks (before the run dir exists); the model's and
+    the dataset's by what builds them, as the run does first."""
     with pytest.raises(SetrainError) as raised:
-        if override.startswith("trainer."):
+        if (override, message) in CHECKED_VALUES:
             checked(override)
         elif override.startswith("model."):
             build_model(OmegaConf.to_container(compose_config(override).model, resolve=True), num_classes=10)
@@ -263,17 +264,29 @@ def test_values_of_every_kind_a_key_takes_pass():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"batch_size": 0}, "data.batch_size=0 is too small: BatchNorm needs at least 2 images per batch to train; use 2 or more."),
-        ({"batch_size": 1}, "data.batch_size=1 is too small"),
         ({"image_size": 4}, "data.image_size=4 is too small to draw shapes; use 16 or more."),
         ({"val_split": 0.1}, "Dataset 'shapes' does not take the option(s) val_split; it takes: image_size, train_size, val_size, seed, batch_size, num_workers, pipeline, decode, repeated_augment."),
     ],
 )  # fmt: skip
 def test_dataset_options_that_cannot_work_are_refused_before_loading(options, message):
-    """Every model runs on the smallest images the datasets make (8 px) with 2 or more per batch;
-    with 1, BatchNorm fails on a 1x1 feature map (a 32 px image deep in ResNet-50)."""
+    """Every model runs on the smallest images the datasets make (8 px)."""
     with pytest.raises(SetrainError) as raised:
         build_data({"name": "shapes", "batch_size": 16, "num_workers": 0, "image_size": 16, **options}, CPU)
+    assert str(raised.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"batch_size": 0}, "data.batch_size=0 is too small: BatchNorm needs at least 2 images per batch to train; use 2 or more."),
+        ({"batch_size": 1}, "data.batch_size=1 is too small"),
+        ({"repeated_augment": 0}, "data.repeated_augment=0 must be 1 (off) or more"),
+    ],
+)  # fmt: skip
+def test_loader_values_that_cannot_work_are_refused(options, message):
+    """With 1 image per batch BatchNorm fails on a 1x1 feature map (a 32 px image deep in ResNet-50)."""
+    with pytest.raises(SetrainError) as raised:
+        config_checks.check_data_options({"name": "shapes", "batch_size": 16, "num_workers": 0, **options})
     assert str(raised.value).startswith(message)
 
 

@@ -84,7 +84,6 @@ def test_random_erasing_blanks_one_rectangle_per_image_after_normalisation(tmp_p
         (dict(augment="randaugment", randaugment_m=31), "must be 1 or more and 0..30"),
         (dict(augment="randaugment", randaugment_n=0), "must be 1 or more and 0..30"),
         (dict(random_erasing=1.5), "data.random_erasing=1.5 is a probability"),
-        (dict(repeated_augment=0), "data.repeated_augment=0 must be 1 \\(off\\) or more"),
         (dict(augment="randaugment", pipeline="device"), "cannot run the transform\\(s\\) RandAugment on the device; use data.pipeline=workers"),
     ],
 )  # fmt: skip

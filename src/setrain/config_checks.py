@@ -10,6 +10,7 @@ import copy
 import json
 import traceback
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -21,6 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from setrain.data import DECODERS, PIPELINES
 from setrain.engine.optim import build_optimizer, build_scheduler
 from setrain.engine.runtime import PRECISIONS
 from setrain.errors import SetrainError
@@ -123,6 +125,7 @@ def check_values(cfg: DictConfig) -> None:
     if flat.get("optimizer.momentum", 0) >= 1:  # torch refuses < 0 only; from 1 up the step grows without bound
         raise SetrainError(f"optimizer.momentum={flat['optimizer.momentum']} must be below 1, e.g. 0.9.")
     check_trainer_options(cfg.trainer)
+    check_data_options(cfg.data)
     check_schedule(cfg)
 
 
@@ -146,6 +149,27 @@ def check_trainer_options(trainer: DictConfig) -> None:
         raise SetrainError(f"trainer.ema_decay={trainer.ema_decay} must be between 0 and 1, e.g. 0.9998, or null.")
     if not 0 <= trainer.label_smoothing < 1:
         raise SetrainError(f"trainer.label_smoothing={trainer.label_smoothing} must be in [0, 1), e.g. 0.1.")
+
+
+def check_data_options(data: Mapping) -> None:
+    """Refuse loader values no dataset can honour; run before the run dir is made (check_values)
+    and again where a data config is used without Hydra (`engine.train`, `setrain.trained`)."""
+    batch_size, num_workers = data["batch_size"], data["num_workers"]
+    if batch_size < 2:  # BatchNorm fails on one image whose feature map is 1x1 (e.g. 32 px into ResNet-50)
+        raise SetrainError(
+            f"data.batch_size={batch_size} is too small: BatchNorm needs at least 2 images per batch "
+            "to train; use 2 or more."
+        )
+    if num_workers < 0:
+        raise SetrainError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
+    if (pipeline := data.get("pipeline", "auto")) not in PIPELINES:
+        raise SetrainError(f"data.pipeline={pipeline!r} is not known; use auto, workers or device.")
+    if (repeats := data.get("repeated_augment", 1)) < 1:
+        raise SetrainError(
+            f"data.repeated_augment={repeats} must be 1 (off) or more: the copies of each image per epoch, e.g. 3."
+        )
+    if (decode := data.get("decode", "device")) not in DECODERS:
+        raise SetrainError(f"data.decode={decode!r} is not known; use device (nvJPEG on CUDA) or workers (libjpeg-turbo).")
 
 
 def _check_compile(compile) -> None:

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from setrain import config_checks
 from setrain.data import DataBundle, build_data
 from setrain.engine.checkpoint import load_checkpoint, load_model_state
 from setrain.errors import SetrainError
@@ -94,7 +95,9 @@ def trained_data(
     name (data=<file> replaces it); keys alone (+data.<key>=<value>) change the checkpoint's."""
     if data_cfg is None or "name" not in data_cfg:
         data_cfg = OmegaConf.merge(trained.config["data"], data_cfg or {})
-    data = build_data(OmegaConf.to_container(data_cfg, resolve=True), device)
+    values = OmegaConf.to_container(data_cfg, resolve=True)
+    config_checks.check_data_options(values)
+    data = build_data(values, device)
     if data.num_classes != trained.num_classes:
         raise SetrainError(
             f"The {data_cfg.name} data has {data.num_classes} classes but the checkpoint's classifier "

@@ -106,25 +106,8 @@ def build_data(data_cfg: dict, device: torch.device, rank: int = 0, world_size: 
             f"{', '.join(accepted + list(LOADER_KEYS[1:]))}."
         )
     batch_size, num_workers = data_cfg["batch_size"], data_cfg["num_workers"]
-    if batch_size < 2:  # BatchNorm fails on one image whose feature map is 1x1 (e.g. 32 px into ResNet-50)
-        raise SetrainError(
-            f"data.batch_size={batch_size} is too small: BatchNorm needs at least 2 images per batch "
-            "to train; use 2 or more."
-        )
-    if num_workers < 0:
-        raise SetrainError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
-    pipeline = data_cfg.get("pipeline", "auto")
-    if pipeline not in PIPELINES:
-        raise SetrainError(f"data.pipeline={pipeline!r} is not known; use auto, workers or device.")
-    repeats = data_cfg.get("repeated_augment", 1)
-    if repeats < 1:
-        raise SetrainError(
-            f"data.repeated_augment={repeats} must be 1 (off) or more: the copies of each image per epoch, e.g. 3."
-        )
-    decode = data_cfg.get("decode", "device")
-    if decode not in DECODERS:
-        raise SetrainError(f"data.decode={decode!r} is not known; use device (nvJPEG on CUDA) or workers (libjpeg-turbo).")
-
+    pipeline, decode = data_cfg.get("pipeline", "auto"), data_cfg.get("decode", "device")
+    repeats = data_cfg.get("repeated_augment", 1)  # the loader values are checked in config_checks
     train_set, val_set, num_classes = builder(**options)
     if len(train_set) < batch_size:
         where = f" in {Path(data_cfg['root']).absolute()}" if "root" in data_cfg else ""

@@ -95,6 +95,7 @@ def _join_run_dir(processes: Processes, run_dir: Path) -> Path:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train `cfg.model` on `cfg.data`, writing checkpoints/, tb/ and results.json into `run_dir`."""
     config_checks.check_trainer_options(cfg.trainer)
+    config_checks.check_data_options(cfg.data)
     device = resolve_device(cfg.trainer.device)
     processes = init_processes(device.type)
     deterministic = torch.are_deterministic_algorithms_enabled()
