@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from conftest import REPO_ROOT
 from setrain.cli import ClaimRunDir
 from setrain.engine.checkpoint import load_checkpoint
-from setrain.engine.distributed import first_host, launched_rank, slurm_environment
+from setrain.engine.distributed import first_host, init_processes, launched_rank, slurm_environment
+from setrain.errors import SetrainError
 from test_fault_tolerance import assert_same_weights, final_weights, process_tree, wait_for_step
 
 # 2 processes x 16 steps x 2 epochs, a checkpoint and a (collective) stop check after each step.
@@ -135,51 +137,58 @@ def test_slurms_warning_signal_saves_requeues_and_the_requeued_job_resumes_to_id
     assert_same_weights(final_weights(run_dir), final_weights(reference))
 
 
-# torch's own rendezvous on 2 busy cores: the restarted agents' c10d store or gloo mesh can time
-# out or hang (twice in the last 3 runs here, never before), which says nothing of setrain: such
-# an attempt is run again, and after two the test is skipped, saying why; any other failure fails.
-RENDEZVOUS_FAILURES = ("RendezvousConnectionError", "connectFullMesh failed")
-
-
 @pytest.mark.slow
 def test_torchrun_on_two_nodes_restarts_the_group_after_a_sigkill_and_ends_with_identical_weights(reference, tmp_path):
-    """Two elastic agents on 127.0.0.1 as two nodes of one process each (c10d rendezvous,
-    --max-restarts=1); the second node's worker is killed mid-training."""
-    for attempt in range(2):
-        run_dir, results = two_nodes_with_a_worker_killed(tmp_path / f"attempt_{attempt}")
-        output = results[0][1] + results[1][1]
-        if not any(failure in output for failure in RENDEZVOUS_FAILURES):
-            break
-    else:
-        pytest.skip("torch's elastic rendezvous could not restart the group on this machine (twice): " + next(
-            line for line in output.splitlines() if any(failure in line for failure in RENDEZVOUS_FAILURES)
-        ))
-    assert [status for status, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
-    assert "Resumed from" in output and output.count("Done: val top-1") == 1
-    assert_same_weights(final_weights(run_dir), final_weights(reference))
-
-
-def two_nodes_with_a_worker_killed(cwd: Path) -> tuple[Path, list[tuple[int, str]]]:
-    cwd.mkdir()
-    run_dir, endpoint = cwd / "run", f"127.0.0.1:{free_port()}"
+    """Two elastic agents on 127.0.0.1 as two nodes of one process each, started as README says
+    (c10d rendezvous, --max-restarts=1, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1); rank 0's worker,
+    which holds the group's store and writes the checkpoints, is killed mid-training."""
+    run_dir, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
         f"--rdzv-endpoint={endpoint}", "--rdzv-id=setrain-test", "--max-restarts=1", "--monitor-interval=0.1",
         str(REPO_ROOT / "train.py"), *DDP, f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
-    nodes = [start(command, environment(), cwd) for _ in range(2)]
-    wait_for_step(run_dir, "checkpoints/last.pt", 6, nodes[0])
-    (worker,) = [pid for pid in process_tree(nodes[1].pid)[1:] if "train.py" in Path(f"/proc/{pid}/cmdline").read_text()]
-    os.kill(worker, signal.SIGKILL)
+    nodes = [start(command, environment(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), tmp_path) for _ in range(2)]
     try:
-        return run_dir, [(node.returncode, stdout + stderr) for node, (stdout, stderr) in
-                         ((node, node.communicate(timeout=240)) for node in nodes)]
-    except subprocess.TimeoutExpired:  # the restarted group never formed: end every process of it
+        wait_for_step(run_dir, "checkpoints/last.pt", 6, nodes[0])
+        os.kill(worker_of_rank(0, nodes), signal.SIGKILL)
+        results = finish(nodes)
+    finally:  # a group that failed or hung: its processes must not outlive the test
         for node in nodes:
-            with contextlib.suppress(OSError):  # a process that ended meanwhile
-                for pid in reversed(process_tree(node.pid)):
-                    os.kill(pid, signal.SIGKILL)
-        return run_dir, [(-9, f"RendezvousConnectionError: the restarted group hung for 240 s ({node.communicate()[1][-500:]})") for node in nodes]
+            end_process_tree(node)
+    assert [status for status, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    output = results[0][1] + results[1][1]
+    assert "Resumed from" in output and output.count("Done: val top-1") == 1
+    assert_same_weights(final_weights(run_dir), final_weights(reference))
+
+
+def test_torchrun_restarts_on_the_agents_shared_store_are_refused(monkeypatch):
+    """torchrun's agents keep the store they share with the workers across restarts, so a
+    restarted group can read the dead one's addresses and fail to connect (pytorch/pytorch#135712):
+    such a start is refused with the way to start instead."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    with pytest.raises(SetrainError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun"):
+        init_processes("cpu")
+    assert not dist.is_initialized()
+
+
+def worker_of_rank(rank: int, agents: list[subprocess.Popen]) -> int:
+    """The process an elastic agent started with RANK=`rank` (agents start their workers as children)."""
+    (worker,) = [
+        pid for agent in agents for pid in map(int, Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split())
+        if f"\0RANK={rank}\0" in "\0" + Path(f"/proc/{pid}/environ").read_text()
+    ]  # fmt: skip
+    return worker
+
+
+def end_process_tree(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            for pid in reversed(process_tree(process.pid)):
+                os.kill(pid, signal.SIGKILL)
+        process.communicate()
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from setrain.errors import SetrainError
+
 
 @dataclass(frozen=True)
 class Processes:
@@ -75,8 +77,25 @@ def init_processes(device_type: str) -> Processes:
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return Processes()
     if not dist.is_initialized():
+        check_restartable_store()
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return Processes(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
+
+
+def check_restartable_store() -> None:
+    """Refuse torchrun --max-restarts on the store its elastic agents share with the workers:
+    torch keeps that store across restarts, so a restarted process can read the dead group's
+    addresses (gloo's, NCCL's unique id) and fail to connect or hang (pytorch/pytorch#135712,
+    still so in torch 2.14). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each rendezvous round a
+    fresh store on rank 0; the static rendezvous (--master-port) always shares the agent's."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise SetrainError(
+            "torchrun --max-restarts would restart the group on its agents' shared store, which keeps the failed "
+            "group's addresses, so the restarted processes could fail to connect (pytorch/pytorch#135712): start it "
+            "as `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...` with the c10d rendezvous (--standalone or "
+            "--rdzv-backend=c10d, not --master-port) on every node."
+        )
 
 
 def close_processes(processes: Processes) -> None:
