@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from setrain.config_checks import check_trainer_options
 from setrain.data.transforms import batch_mixing
 from setrain.engine import runtime, train, trainer
 from setrain.engine.checkpoint import load_checkpoint
@@ -212,11 +213,13 @@ def test_early_stop_ends_the_run_after_patience_epochs_without_a_better_top1(tin
         ("trainer.ema_decay=1.5", "ema_decay=1.5 must be between 0 and 1"),
         ("trainer.grad_clip_norm=0", "grad_clip_norm=0 must be positive"),
         ("trainer.label_smoothing=1", "label_smoothing=1 must be in"),
+        ("trainer.epochs=0", "trainer.epochs=0 must be at least 1"),
     ],
 )
-def test_option_values_that_cannot_work_are_refused(tiny_config, tmp_path, override, message):
+def test_option_values_that_cannot_work_are_refused(tiny_config, override, message):
+    """By the config checks, before the run dir exists (python train.py and setrain.train run them)."""
     with pytest.raises(SetrainError, match=message):
-        train(tiny_config(override), tmp_path)
+        check_trainer_options(tiny_config(override).trainer)
 
 
 def test_tensorboard_shows_steps_excitations_and_images(tiny_config, tmp_path):

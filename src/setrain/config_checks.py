@@ -130,8 +130,7 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def check_trainer_options(trainer: DictConfig) -> None:
-    """Refuse trainer values the loop cannot honour; run before the run dir is made (check_values)
-    and again by `engine.train`, which tests and scripts call without Hydra."""
+    """Refuse trainer values the loop cannot honour; run before the run dir is made (check_values)."""
     if trainer.epochs < 1:
         raise SetrainError(f"trainer.epochs={trainer.epochs} must be at least 1.")
     if str(trainer.precision) not in (*PRECISIONS, "auto"):
@@ -153,7 +152,7 @@ def check_trainer_options(trainer: DictConfig) -> None:
 
 def check_data_options(data: Mapping) -> None:
     """Refuse loader values no dataset can honour; run before the run dir is made (check_values)
-    and again where a data config is used without Hydra (`engine.train`, `setrain.trained`)."""
+    and on the data config that evaluate, predict and analyze change (`setrain.trained`)."""
     batch_size, num_workers = data["batch_size"], data["num_workers"]
     if batch_size < 2:  # BatchNorm fails on one image whose feature map is 1x1 (e.g. 32 px into ResNet-50)
         raise SetrainError(

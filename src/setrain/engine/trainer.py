@@ -22,7 +22,6 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from setrain import config_checks  # a module object: config_checks imports engine.optim, so engine/__init__ too
 from setrain.data import DataBundle, build_data
 from setrain.data.transforms import batch_mixing
 from setrain.engine.checkpoint import RunState, Trainees, checkpoint_of, load_checkpoint, restore, save_checkpoint
@@ -94,8 +93,6 @@ def _join_run_dir(processes: Processes, run_dir: Path) -> Path:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train `cfg.model` on `cfg.data`, writing checkpoints/, tb/ and results.json into `run_dir`."""
-    config_checks.check_trainer_options(cfg.trainer)
-    config_checks.check_data_options(cfg.data)
     device = resolve_device(cfg.trainer.device)
     processes = init_processes(device.type)
     deterministic = torch.are_deterministic_algorithms_enabled()
