@@ -36,7 +36,7 @@ def fused_pair(block: nn.Module) -> tuple[nn.Module, nn.Module]:
     block.fused = False
     fused = copy.deepcopy(block)
     for module in fused.modules():
-        if isinstance(module, BasicBlock):
+        if hasattr(module, "fused"):
             module.fused = True
     return block, fused
 
@@ -132,26 +132,33 @@ def test_training_is_deterministic():
     assert torch.equal(weights_after_a_step(), weights_after_a_step())
 
 
-def compare_backends(device: str, dtype: torch.dtype = torch.float32, shape=(2, 70, 5, 3), rtol=1e-5) -> None:
-    """The fused tail with the Triton kernels equals it with the torch kernels (in fp32 to `rtol`:
-    sums over many elements in another order differ by more than 1e-5)."""
-    torch.manual_seed(0)
+def tail_arguments(shape, device="cpu", dtype=torch.float32, requires_grad=False) -> tuple:
+    """Arguments of the fused tail op for a (N, C, H, W) map, channels_last, in train mode."""
     x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last) + 3
-    identity, grad = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
+    identity = torch.randn(shape, device=device, dtype=dtype)
     channels = shape[1]
     norm = (torch.rand(channels, device=device) + 0.5, torch.randn(channels, device=device))
     se = SEBlock(channels, reduction=7).to(device)
+    tensors = [t.detach().clone().requires_grad_(requires_grad) for t in (x, identity, *norm, *se.parameters())]
+    return (*tensors, None, None, 1e-5, "sigmoid")
+
+
+def compare_backends(device: str, dtype: torch.dtype = torch.float32, shape=(2, 70, 5, 3), rtol=1e-5) -> None:
+    """The fused tail's forward and backward with the Triton kernels equal them with the torch
+    kernels (in fp32 to `rtol`: sums over many elements in another order differ by more than 1e-5)."""
+    from setrain.models import fused_se_triton
+
+    torch.manual_seed(0)
+    arguments = tail_arguments(shape, device, dtype)
+    x, _, *parameters = arguments[:8]
+    grad = torch.randn(shape, device=device, dtype=dtype)
     results = {}
-    for backend in ("torch", "triton"):
-        inputs = [t.clone().requires_grad_() for t in (x, identity)]
-        parameters = [p.detach().clone().requires_grad_() for p in (*norm, *se.parameters())]
-        out, mean, var = fused_se.SEResidualTail.apply(
-            *inputs, *parameters, None, None, 1e-5, "sigmoid", backend
-        )
-        out.backward(grad)
-        results[backend] = [out, mean, var] + [t.grad for t in inputs + parameters]
+    for ops in (fused_se.TorchKernels, fused_se_triton):
+        out, mean, var, means = fused_se._forward(ops, *arguments)
+        grads = fused_se._backward(ops, grad, x, out, means, mean, var, *parameters, 1e-5, "sigmoid", True)
+        results[ops] = [out, mean, var, means, *grads]
     tolerance = dict(rtol=rtol, atol=rtol) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for expected, value in zip(results["torch"], results["triton"]):
+    for expected, value in zip(results[fused_se.TorchKernels], results[fused_se_triton]):
         torch.testing.assert_close(value, expected, **tolerance)
 
 
@@ -167,12 +174,82 @@ def test_triton_kernels_compute_the_torch_kernels():
     assert done.returncode == 0, done.stderr
 
 
-def test_compiles_into_one_graph_with_the_same_result():
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_the_op_and_its_backward_pass_torch_library_opcheck(training):
+    """Schema, autograd registration, fake kernels (shapes, strides, dtypes) and the op's results
+    and gradients under AOT dispatch with dynamic shapes, as torch.library documents."""
+    torch.manual_seed(0)
+    arguments = list(tail_arguments((2, 14, 3, 4), requires_grad=True))
+    if not training:
+        arguments[8:10] = torch.randn(14) * 0.1, torch.rand(14) + 0.5
+    torch.library.opcheck(fused_se.fused_tail, tuple(arguments))
+    out, mean, var, means = fused_se.fused_tail(*arguments)
+    x, _, *parameters = (t.detach() for t in arguments[:8])
+    saved = (x, out.detach(), means, mean, var, *parameters)
+    torch.library.opcheck(fused_se.fused_tail_backward, (torch.randn_like(out), *saved, 1e-5, "sigmoid", training))
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages that a forward keeps for the backward."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x)
+    return sum(storages.values())
+
+
+def test_compiles_into_one_graph_of_the_opaque_ops_keeping_what_eager_keeps():
+    """AOT autograd's forward graph calls the op once, its backward graph the backward op once,
+    and the compiled block saves for the backward exactly the storages eager does."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"forward": [], "backward": []}
+
+    def recorder(kind):
+        def record(graph, example_inputs):
+            graphs[kind].append(str(graph.code))
+            return make_boxed_func(graph.forward)
+
+        return record
+
     torch.manual_seed(0)
     block, fused = fused_pair(BasicBlock(8, 8, 1, se=dict(reduction=4)))
-    x = torch.randn(2, 8, 4, 4)
-    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)
+    backend = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+    compiled = torch.compile(fused, backend=backend, fullgraph=True)
     assert_same_step(block, compiled, x)
+    assert graphs["backward"]
+    assert all(graph.count("torch.ops.setrain.se_residual_tail.default") == 1 for graph in graphs["forward"])
+    assert all(graph.count("torch.ops.setrain.se_residual_tail_backward.default") == 1 for graph in graphs["backward"])
+    assert saved_bytes(compiled, x) == saved_bytes(fused, x)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_a_fused_se_resnet_whole_and_trains_it_as_eager_unfused():
+    """fullgraph=True: no graph break; three SGD steps give the unfused model's weights, and the
+    compiled model keeps no more for the backward than eager fused does."""
+    torch.manual_seed(0)
+    unfused = create_model("se_resnet20", num_classes=5, fused=False).to(memory_format=torch.channels_last)
+    fused = create_model("se_resnet20", num_classes=5, fused=True).to(memory_format=torch.channels_last)
+    fused.load_state_dict(unfused.state_dict())
+    x = torch.randn(4, 3, 16, 16).to(memory_format=torch.channels_last)
+    compiled = torch.compile(fused, fullgraph=True)
+    for model in (unfused, compiled):
+        torch.manual_seed(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(model(x), torch.randint(0, 5, (4,)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for (name, expected), value in zip(unfused.state_dict().items(), fused.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5, msg=name)
+    assert saved_bytes(compiled, x) <= saved_bytes(fused, x)
 
 
 def test_ddp_reduces_the_fused_gradients(tmp_path):
@@ -230,7 +307,7 @@ def test_configs_take_the_shared_se_options_and_fused_reaches_the_blocks():
 def test_sync_batchnorm_runs_unfused(monkeypatch):
     """Its batch statistics are all processes': the fused tail's would be this process's only."""
     model = nn.SyncBatchNorm.convert_sync_batchnorm(create_model("se_resnet20", fused=True))
-    monkeypatch.setattr(fused_se.SEResidualTail, "apply", lambda *a: _unreachable())
+    monkeypatch.setattr(fused_se, "fused_tail", lambda *a: _unreachable())
     model(torch.randn(2, 3, 8, 8))  # without a process group SyncBatchNorm computes BN
 
 
@@ -238,7 +315,7 @@ def test_auto_follows_the_device_table(monkeypatch):
     model = create_model("se_resnet20", num_classes=3)
     x = torch.randn(1, 3, 8, 8)
     calls = []
-    monkeypatch.setattr(fused_se.SEResidualTail, "apply", lambda *a: calls.append(1) or _unreachable())
+    monkeypatch.setattr(fused_se, "fused_tail", lambda *a: calls.append(1) or _unreachable())
     monkeypatch.setitem(fused_se.AUTO, ("cpu", False), False)
     model(x)
     assert calls == []

@@ -8,12 +8,15 @@ applies BN on the fly; BN's output and the scaled map are never stored. The back
 gradient, the output and x to get dL/dpre and its per-(n, c) sums (all that the excitation, BN's
 parameters and its batch statistics need, derived below), then writes dL/dx in one more pass.
 
-Two sets of kernels do the passes: torch ops (the CPU, and under torch.compile, where inductor
-fuses them into its own loops) and Triton kernels (CUDA, eager; `fused_se_triton`). Only the
-standard placement with the average squeeze fuses; other variants run the block as written.
+The tail and its backward are two `torch.library` custom ops, `setrain::se_residual_tail` and
+`setrain::se_residual_tail_backward`: torch.compile and DDP see each as one opaque op, so a
+compiled model keeps for the backward what eager keeps (x, the output, per-channel statistics)
+and runs the same kernels. These are Triton's on CUDA (`fused_se_triton`) and torch ops elsewhere.
+Only the standard placement with the average squeeze fuses; other variants run the block as written.
 """
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +28,8 @@ log = logging.getLogger(__name__)
 
 FUSED_CHOICES = ("auto", True, False)
 # Where `fused: auto` takes the fused path, per (device type, under torch.compile); measured in
-# docs/benchmarks.md (Fused SE). Compiled, inductor traces the torch-op kernels and keeps more
-# tensors for the backward than the unfused block does, for a small gain in speed.
+# docs/benchmarks.md (Fused SE). Compiled CUDA was measured when compile traced the fused tail into
+# inductor's graph (more memory than unfused); the custom op is yet to be measured there.
 AUTO = {("cuda", False): True, ("cuda", True): False, ("cpu", False): False, ("cpu", True): False}
 
 
@@ -73,12 +76,9 @@ def se_residual_tail(x: Tensor, identity: Tensor, bn: nn.BatchNorm2d, se: nn.Mod
         bn.num_batches_tracked.add_(1)
         factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     first, second = se.excitation[0], se.excitation[2]
-    triton = x.is_cuda and x.dtype != torch.float64 and not torch.compiler.is_compiling()
-    backend = "triton" if triton else "torch"
-    out, mean, var = SEResidualTail.apply(
+    out, mean, var, _ = fused_tail(
         x, identity, bn.weight, bn.bias, first.weight, first.bias, second.weight, second.bias,
-        None if batch_stats else bn.running_mean, None if batch_stats else bn.running_var,
-        bn.eps, se.gate, backend,
+        None if batch_stats else bn.running_mean, None if batch_stats else bn.running_var, bn.eps, se.gate,
     )  # fmt: skip
     if bn.training and bn.track_running_stats:
         count = x.numel() // x.shape[1]
@@ -88,8 +88,10 @@ def se_residual_tail(x: Tensor, identity: Tensor, bn: nn.BatchNorm2d, se: nn.Mod
     return out
 
 
-def kernels(backend: str):
-    if backend == "triton":
+def kernels(x: Tensor):
+    """The passes over the feature maps: Triton's on CUDA (they compute in fp32, so not for fp64),
+    torch's elsewhere."""
+    if x.is_cuda and x.dtype != torch.float64:
         from setrain.models import fused_se_triton
 
         return fused_se_triton
@@ -97,17 +99,15 @@ def kernels(backend: str):
 
 
 class TorchKernels:
-    """The passes over the feature maps in torch ops; statistics and sums in fp32 (or fp64)."""
+    """The passes over the feature maps in torch ops; statistics and sums in fp32 (or fp64). Maps
+    are written into `empty_like(x)`, the layout the op's fake kernels promise."""
 
     @staticmethod
     def moments(x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-(n, c) mean and biased variance over H, W. Compiled, inductor computes var_mean in
-        one pass; in eager ATen, two sums (of x and x**2) are several times faster than var_mean
-        over H, W, and lose digits of the variance only for a mean far larger than the spread."""
+        """Per-(n, c) mean and biased variance over H, W: in eager ATen, two sums (of x and x**2)
+        are several times faster than var_mean over H, W, and lose digits of the variance only for
+        a mean far larger than the spread."""
         x = x.to(_accumulation(x))
-        if torch.compiler.is_compiling():
-            var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
-            return mean, var
         area = x.shape[2] * x.shape[3]
         mean = x.sum((2, 3)) / area
         return mean, torch.clamp_min((x * x).sum((2, 3)) / area - mean * mean, 0)
@@ -115,21 +115,23 @@ class TorchKernels:
     @staticmethod
     def scale_add_relu(x: Tensor, a: Tensor, b: Tensor, identity: Tensor) -> Tensor:
         """relu(x * a[n, c] + b[n, c] + identity)."""
-        out = torch.addcmul(b[:, :, None, None], x, a[:, :, None, None]).add_(identity)
-        return out.relu_().to(x.dtype)
+        out = torch.addcmul(b[:, :, None, None], x, a[:, :, None, None], out=torch.empty_like(x))
+        return out.add_(identity).relu_()
 
     @staticmethod
     def relu_grad_sums(grad: Tensor, out: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """dz = grad where out > 0, and its per-(n, c) sums of dz and of dz * x."""
-        dz = torch.ops.aten.threshold_backward(grad, out, 0)
+        dz = torch.ops.aten.threshold_backward.grad_input(
+            grad, out, 0, grad_input=torch.empty_like(x, dtype=grad.dtype)
+        )
         dtype = _accumulation(x)
         return dz, dz.sum((2, 3), dtype=dtype), (dz * x).sum((2, 3), dtype=dtype)
 
     @staticmethod
     def input_grad(dz: Tensor, a: Tensor, x: Tensor, p: Tensor, r: Tensor) -> Tensor:
         """dz * a[n, c] + x * p[c] + r[n, c]."""
-        dx = torch.addcmul(r[:, :, None, None], dz, a[:, :, None, None])
-        return dx.addcmul_(x, p[None, :, None, None]).to(x.dtype)
+        dx = torch.addcmul(r[:, :, None, None], dz, a[:, :, None, None], out=torch.empty_like(x))
+        return dx.addcmul_(x, p[None, :, None, None])
 
 
 def _accumulation(x: Tensor) -> torch.dtype:
@@ -148,67 +150,69 @@ def _gate_grad(gate: str, g: Tensor) -> Tensor:
     return (g > 0).to(g.dtype)
 
 
-class SEResidualTail(torch.autograd.Function):
-    """relu(x * k * g + h * g + identity), with BN's (k, h) from batch statistics (or, given
-    `mean` and `var`, the running ones) and g the excitation of the squeeze k * mean_hw(x) + h.
+class Excitation(NamedTuple):
+    """BN as y = k * x + h per channel (k = gamma * rstd), SE's squeeze k * mean_hw(x) + h, the
+    excitation's hidden layer (before its ReLU) and its gate g; all (C) or (N, C)."""
 
-    Backward, with dz = dL/d(pre-ReLU), T0 = sum_hw dz, T1 = sum_hw dz * x per (n, c) and
-    ds the gradient of the squeeze: dL/dg = k * T1 + h * T0; BN's output gets dy = dz * g + ds / HW,
-    whose sums over (n, h, w) give dbeta and dgamma (sum dy * xhat) from T0, T1 and the means,
-    and BN's backward, dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), is then
-    dz * (k * g) + x * p[c] + r[n, c].
+    rstd: Tensor
+    k: Tensor
+    h: Tensor
+    squeeze: Tensor
+    hidden: Tensor
+    g: Tensor
+
+
+def _excitation(means, mean, var, gamma, beta, w1, b1, w2, b2, eps: float, gate: str) -> Excitation:
+    """From the per-(n, c) means of x and BN's statistics: a few (N, C) ops, which the backward
+    recomputes rather than keeping them from the forward."""
+    dtype = means.dtype
+    rstd = torch.rsqrt(var + eps)
+    k = gamma.to(dtype) * rstd
+    h = beta.to(dtype) - mean * k
+    squeeze = means * k + h
+    hidden = F.linear(squeeze, w1.to(dtype), b1.to(dtype))
+    g = _GATES[gate](F.linear(hidden.relu(), w2.to(dtype), b2.to(dtype)))
+    return Excitation(rstd, k, h, squeeze, hidden, g)
+
+
+def _forward(ops, x, identity, gamma, beta, w1, b1, w2, b2, running_mean, running_var, eps, gate):
+    """(out, mean, var, means): the tail's output, BN's statistics (the batch's, or the running
+    ones given) and the per-(n, c) means of x, in the passes of `ops`."""
+    means, variances = ops.moments(x)
+    if running_mean is None:  # the batch statistics, by the law of total variance
+        mean = means.mean(0)
+        var = variances.mean(0) + (means - mean).square().mean(0)
+    else:  # outputs must not be inputs
+        mean, var = (stat.to(means.dtype, copy=True) for stat in (running_mean, running_var))
+    e = _excitation(means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate)
+    return ops.scale_add_relu(x, e.k * e.g, e.h * e.g, identity), mean, var, means
+
+
+def _backward(ops, grad, x, out, means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate, batch_stats):
+    """(dx, d identity, dgamma, dbeta, dw1, db1, dw2, db2) for dL/dout = `grad`.
+
+    With dz = dL/d(pre-ReLU), T0 = sum_hw dz, T1 = sum_hw dz * x per (n, c) and ds the gradient
+    of the squeeze: dL/dg = k * T1 + h * T0; BN's output gets dy = dz * g + ds / HW, whose sums
+    over (n, h, w) give dbeta and dgamma (sum dy * xhat) from T0, T1 and the means, and BN's
+    backward, dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), is then dz * (k * g) + x * p[c] + r[n, c].
     """
-
-    @staticmethod
-    def forward(ctx, x, identity, gamma, beta, w1, b1, w2, b2, mean, var, eps, gate, backend):
-        ops = kernels(backend)
-        batch_stats = mean is None
-        with torch.autocast(x.device.type, enabled=False):
-            means, variances = ops.moments(x)
-            if batch_stats:  # the batch statistics, by the law of total variance
-                mean = means.mean(0)
-                var = variances.mean(0) + (means - mean).square().mean(0)
-            else:  # outputs must not be inputs
-                mean, var = mean.clone(), var.clone()
-            dtype = means.dtype
-            rstd = torch.rsqrt(var.to(dtype) + eps)
-            k = gamma.to(dtype) * rstd
-            h = beta.to(dtype) - mean.to(dtype) * k
-            squeeze = means * k + h
-            hidden = F.linear(squeeze, w1.to(dtype), b1.to(dtype))
-            g = _GATES[gate](F.linear(hidden.relu(), w2.to(dtype), b2.to(dtype)))
-            out = ops.scale_add_relu(x, k * g, h * g, identity)
-        ctx.save_for_backward(x, out, means, mean.to(dtype), rstd, k, h, w1, w2, squeeze, hidden, g)
-        ctx.gate, ctx.backend, ctx.batch_stats = gate, backend, batch_stats
-        ctx.dtypes = identity.dtype, gamma.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
-
-    @staticmethod
-    def backward(ctx, grad, _mean_grad, _var_grad):
-        x, out, means, mean, rstd, k, h, w1, w2, squeeze, hidden, g = ctx.saved_tensors
-        ops = kernels(ctx.backend)
-        dz, t0, t1 = ops.relu_grad_sums(grad, out, x)
-        with torch.autocast(x.device.type, enabled=False):
-            ds, *excitation_grads = _excitation_backward(
-                k * t1 + h * t0, ctx.gate, g, hidden, squeeze, w1.to(k.dtype), w2.to(k.dtype)
-            )
-            dbeta = (g * t0 + ds).sum(0)
-            dgamma = ((g * (t1 - mean * t0) + ds * (means - mean)) * rstd).sum(0)
-            area = x.shape[2] * x.shape[3]
-            if ctx.batch_stats:  # BN's backward through the batch mean and variance
-                count = x.shape[0] * area
-                p = -k * rstd * dgamma / count
-                r = k * (ds / area - dbeta / count + mean * rstd * dgamma / count)
-            else:
-                p, r = torch.zeros_like(k), k * ds / area
-            dx = ops.input_grad(dz, k * g, x, p, r)
-        identity_dtype, param_dtype = ctx.dtypes
-        dw1, db1, dw2, db2 = (grad.to(param_dtype) for grad in excitation_grads)
-        return (
-            dx, dz.to(identity_dtype), dgamma.to(param_dtype), dbeta.to(param_dtype),
-            dw1, db1, dw2, db2, None, None, None, None, None,
-        )  # fmt: skip
+    e = _excitation(means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate)
+    dz, t0, t1 = ops.relu_grad_sums(grad, out, x)
+    ds, dw1, db1, dw2, db2 = _excitation_backward(
+        e.k * t1 + e.h * t0, gate, e.g, e.hidden, e.squeeze, w1.to(e.k.dtype), w2.to(e.k.dtype)
+    )
+    dbeta = (e.g * t0 + ds).sum(0)
+    dgamma = ((e.g * (t1 - mean * t0) + ds * (means - mean)) * e.rstd).sum(0)
+    area = x.shape[2] * x.shape[3]
+    if batch_stats:  # BN's backward through the batch mean and variance
+        count = x.shape[0] * area
+        p = -e.k * e.rstd * dgamma / count
+        r = e.k * (ds / area - dbeta / count + mean * e.rstd * dgamma / count)
+    else:
+        p, r = torch.zeros_like(e.k), e.k * ds / area
+    dx = ops.input_grad(dz, e.k * e.g, x, p, r)
+    small = zip((dgamma, dbeta, dw1, db1, dw2, db2), (gamma, beta, w1, b1, w2, b2))
+    return dx, dz, *(value.to(parameter.dtype) for value, parameter in small)
 
 
 def _excitation_backward(dg, gate, g, hidden, squeeze, w1, w2) -> tuple[Tensor, ...]:
@@ -216,3 +220,54 @@ def _excitation_backward(dg, gate, g, hidden, squeeze, w1, w2) -> tuple[Tensor, 
     dpre = dg * _gate_grad(gate, g)
     dhidden = (dpre @ w2) * (hidden > 0)
     return dhidden @ w1, dhidden.T @ squeeze, dhidden.sum(0), dpre.T @ hidden.relu(), dpre.sum(0)
+
+
+@torch.library.custom_op("setrain::se_residual_tail", mutates_args=())
+def fused_tail(
+    x: Tensor, identity: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+    running_mean: Tensor | None, running_var: Tensor | None, eps: float, gate: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(out, mean, var, means) of `_forward`; BN's running statistics, given, replace the batch's."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _forward(kernels(x), x, identity, gamma, beta, w1, b1, w2, b2, running_mean, running_var, eps, gate)
+
+
+@fused_tail.register_fake
+def _(x, identity, gamma, beta, w1, b1, w2, b2, running_mean, running_var, eps, gate):
+    stats = x.new_empty(x.shape[1], dtype=_accumulation(x))
+    return torch.empty_like(x), stats, torch.empty_like(stats), x.new_empty(x.shape[:2], dtype=stats.dtype)
+
+
+@torch.library.custom_op("setrain::se_residual_tail_backward", mutates_args=())
+def fused_tail_backward(
+    grad: Tensor, x: Tensor, out: Tensor, means: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor,
+    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, eps: float, gate: str, batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The gradients of `_backward`."""
+    with torch.autocast(x.device.type, enabled=False):
+        ops = kernels(x)
+        return _backward(ops, grad, x, out, means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate, batch_stats)
+
+
+@fused_tail_backward.register_fake
+def _(grad, x, out, means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate, batch_stats):
+    return (
+        torch.empty_like(x), torch.empty_like(x, dtype=grad.dtype),
+        *(torch.empty_like(parameter) for parameter in (gamma, beta, w1, b1, w2, b2)),
+    )  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, identity, gamma, beta, w1, b1, w2, b2, running_mean, _, eps, gate = inputs
+    out, mean, var, means = output
+    ctx.save_for_backward(x, out, means, mean, var, gamma, beta, w1, b1, w2, b2)
+    ctx.eps, ctx.gate, ctx.batch_stats, ctx.identity_dtype = eps, gate, running_mean is None, identity.dtype
+    ctx.mark_non_differentiable(mean, var, means)
+
+
+def _fused_tail_grads(ctx, grad, _mean, _var, _means):
+    dx, dz, *parameter_grads = fused_tail_backward(grad, *ctx.saved_tensors, ctx.eps, ctx.gate, ctx.batch_stats)
+    return dx, dz.to(ctx.identity_dtype), *parameter_grads, None, None, None, None
+
+
+fused_tail.register_autograd(_fused_tail_grads, setup_context=_setup_context)
