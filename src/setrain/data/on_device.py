@@ -301,15 +301,22 @@ class DeviceBatches:
             )  # fmt: skip
         else:
             images, labels = _arrays(inner)
-            self.images, self.labels = images[indices].to(device), labels[indices].to(device)
+            if indices != list(range(len(images))):  # a split: copy its images; the whole set goes as it is
+                images, labels = images[indices], labels[indices]
+            self.images, self.labels = images.to(device), labels.to(device)
         self.size = len(indices)
+        self._order_of_seed: tuple[int | None, list[Tensor]] | None = None
 
     def set_epoch(self, epoch_seed: int) -> None:
         self.epoch_seed = epoch_seed
 
     def _order(self) -> list[Tensor]:
+        """The epoch's batches of indices, drawn once per epoch seed (len() and iteration share them)."""
         seed = self.epoch_seed if self.train else None
-        return epoch_order(self.size, self.batch_size, seed, self.rank, self.world_size, self.repeats)
+        if self._order_of_seed is None or self._order_of_seed[0] != seed:
+            order = epoch_order(self.size, self.batch_size, seed, self.rank, self.world_size, self.repeats)
+            self._order_of_seed = (seed, order)
+        return self._order_of_seed[1]
 
     def __len__(self) -> int:
         return len(self._order())
