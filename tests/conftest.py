@@ -14,6 +14,10 @@ from setrain.models import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Tests run tiny models on tiny batches, where torch's intra-op threads gain nothing and, on cores
+# shared with other jobs, spend their time waiting for each other: one thread each test process.
+torch.set_num_threads(1)
+
 # A run small enough for 2 CPU cores (configs/debug/tiny.yaml): 64 shapes images of 16 px, 2 epochs.
 TINY = ["debug=tiny"]
 
