@@ -73,9 +73,11 @@ def test_data_is_the_checkpoints_own_changed_by_keys_or_replaced_by_a_file(tmp_p
     data, data_cfg = trained_data(trained, changed, cpu)
     assert len(data.val_loader.dataset) == 8 and data_cfg.image_size == 16  # the rest is the checkpoint's
 
-    replaced = compose_config(f"checkpoint={path}", "data=shapes", config_name="evaluate").data
-    _, data_cfg = trained_data(trained, replaced, cpu)
-    assert data_cfg.image_size == 32  # configs/data/shapes.yaml, not the checkpoint's 16
+    replaced = compose_config(f"checkpoint={path}", "data=shapes", "data.train_size=128", "data.val_size=16",
+                              config_name="evaluate").data  # fmt: skip
+    data, data_cfg = trained_data(trained, replaced, cpu)
+    assert data_cfg.image_size == 32 and data_cfg.batch_size == 128  # configs/data/shapes.yaml, not the checkpoint's 16
+    assert next(iter(data.val_loader))[0].shape == (16, 3, 32, 32)
 
 
 def test_data_with_other_classes_than_the_classifier_is_refused(tmp_path):
