@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import setrain
 from setrain.models import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,14 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
 @pytest.fixture
 def tiny_config():
     return lambda *overrides: compose_config(*TINY, *overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    """`setrain.train(TINY)` run once in-process, shared by the fast tests that only read what a
+    finished run wrote; returns its run dir and what train returned."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    return run_dir, setrain.train([*TINY, f"hydra.run.dir={run_dir}"])
 
 
 @pytest.fixture(scope="session")

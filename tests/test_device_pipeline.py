@@ -22,7 +22,6 @@ from setrain.data.on_device import (
 )
 from setrain.data.transforms import Augmentation, build_transforms, resize_centre_crop
 from setrain.engine.checkpoint import load_checkpoint
-from setrain.engine.trainer import train
 from setrain.errors import SetrainError
 from setrain.testing import write_cifar10, write_image, write_image_folder
 
@@ -201,8 +200,8 @@ def test_unsupported_recipe_says_to_use_workers(tmp_path):
         BatchTransform(recipe)
 
 
-def test_cpu_defaults_stay_fp32_nchw_workers(tiny_config, tmp_path):
-    results = train(tiny_config("trainer.epochs=1"), tmp_path)
+def test_cpu_defaults_stay_fp32_nchw_workers(tiny_run):
+    _, results = tiny_run
     assert results["precision"] == "32"
     config = compose_config()
     assert (config.trainer.precision, config.trainer.channels_last, config.data.pipeline) == ("auto", "auto", "auto")

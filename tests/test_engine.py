@@ -76,24 +76,24 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, 
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_a_run_writes_checkpoints_curves_and_results(tiny_config, tmp_path):
-    results = train(tiny_config(), tmp_path)
-    assert (tmp_path / "checkpoints" / "last.pt").is_file()
-    assert (tmp_path / "checkpoints" / "best.pt").is_file()
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    written = json.loads((tmp_path / "results.json").read_text())
+def test_a_run_writes_checkpoints_curves_and_results(tiny_run):
+    run_dir, results = tiny_run
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    written = json.loads((run_dir / "results.json").read_text())
     assert written == json.loads(json.dumps(results))
     assert written["model"] == "se_resnet20" and written["final"]["epoch"] == 2
     assert 0 <= written["best"]["val_top1"] <= 100 and written["params"] > 0
-    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["epoch"] == 2 and state["config"]["model"]["name"] == "se_resnet20"
 
 
-def test_tensorboard_has_train_and_val_curves(tiny_config, tmp_path):
+def test_tensorboard_has_train_and_val_curves(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(tiny_config(), tmp_path)
-    train_run, val_run = (EventAccumulator(str(tmp_path / "tb" / run)).Reload() for run in ("train", "val"))
+    run_dir, _ = tiny_run
+    train_run, val_run = (EventAccumulator(str(run_dir / "tb" / run)).Reload() for run in ("train", "val"))
     assert {"epoch/loss", "epoch/top1", "speed/images_per_s"} <= set(train_run.Tags()["scalars"])
     assert {"epoch/loss", "epoch/top1", "epoch/top5", "epoch/best_top1"} == set(val_run.Tags()["scalars"])
     assert [event.step for event in val_run.Scalars("epoch/loss")] == [4, 8]  # optimizer steps: 4 an epoch

@@ -34,9 +34,8 @@ def scalars(tb_dir) -> list[tuple[int, float]]:
     return found
 
 
-def test_train_returns_results_json_and_writes_a_row_per_epoch(tmp_path):
-    run_dir = tmp_path / "run"
-    results = setrain.train([*TINY, f"hydra.run.dir={run_dir}"])
+def test_train_returns_results_json_and_writes_a_row_per_epoch(tiny_run):
+    run_dir, results = tiny_run  # setrain.train([*TINY, "hydra.run.dir=..."])
     assert results == json.loads((run_dir / "results.json").read_text())
 
     columns, rows = read_rows(run_dir / "metrics.csv")
