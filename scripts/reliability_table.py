@@ -232,6 +232,7 @@ CASES = {
         Case("SIGTERM while a sweep's first job validates (the sweep stops; the same command continues it)", ["-m", "model.se.reduction=8,16", "hydra.sweep.dir=sweep"], "test_fault_tolerance.py::test_a_signal_no_training_step_sees_stops_the_sweep_after_saving_and_the_sweep_continues", hidden=[*TINY, "data.train_size=128", "data.val_size=512", "trainer.checkpoint_every_n_steps=1"], runner=lambda root, case: signal_while_a_job_validates(root, case)),
         Case("loss that diverges", ["optimizer.lr=1e30"], "test_fault_tolerance.py::test_diverging_run_stops_with_one_sentence_and_writes_no_checkpoint", hidden=TINY),
         Case("sweep report of a single run's directory", ["run"], "test_sweep_report.py::test_a_single_run_dir_is_refused_in_one_line", setup=trained(*TINY), program="scripts/sweep_report.py"),
+        Case("a worker of `torchrun --max-restarts` on the agents' shared store (the environment torchrun gives rank 1)", [], "test_scaling.py::test_a_refused_torchrun_worker_leaves_no_run_dir", env={"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_USE_AGENT_STORE": "True"}, hidden=TINY, left=True),
         Case("`HYDRA_FULL_ERROR=1`: the traceback instead of the sentence", ["model.se.reduction=32"], "test_reliability.py::test_hydra_full_error_shows_the_traceback", env={"HYDRA_FULL_ERROR": "1"}),
     ],
 }  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, assert_user_error, run_cli
 from setrain.cli import ClaimRunDir
 from setrain.engine.checkpoint import load_checkpoint
 from setrain.engine.distributed import first_host, init_processes, launched_rank, slurm_environment
@@ -172,6 +172,20 @@ def test_torchrun_restarts_on_the_agents_shared_store_are_refused(monkeypatch):
     with pytest.raises(SetrainError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun"):
         init_processes("cpu")
     assert not dist.is_initialized()
+
+
+@pytest.mark.slow  # a CLI run
+def test_a_refused_torchrun_worker_leaves_no_run_dir(monkeypatch, tmp_path):
+    """Every process of the group refuses before Hydra makes its run dir, not rank 0 alone."""
+    torchrun_worker = {
+        "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "TORCHELASTIC_MAX_RESTARTS": "1",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+    }  # fmt: skip
+    for key, value in torchrun_worker.items():
+        monkeypatch.setenv(key, value)
+    result = run_cli("debug=tiny", "hydra.run.dir=run", cwd=tmp_path)
+    assert_user_error(result, "setrain: error: torchrun --max-restarts would restart the group on its agents' shared store")
+    assert list(tmp_path.iterdir()) == []
 
 
 def worker_of_rank(rank: int, agents: list[subprocess.Popen]) -> int:

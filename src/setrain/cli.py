@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from setrain.config_checks import CONFIG_ERRORS, check_values, check_values_before_run, config_error_sentence
 from setrain.engine import signals, train
-from setrain.engine.distributed import launched_rank, restarts_itself
+from setrain.engine.distributed import check_restartable_store, launched_rank, restarts_itself
 from setrain.engine.rundir import (
     RunDirBefore,
     before_run,
@@ -101,6 +101,7 @@ class ClaimRunDir(Callback):
         signals.record_stop_signals()
         with _exit_on_user_error():
             check_values_before_run(config)
+            check_restartable_store()  # here too, so that no process of the group makes its run dir
         if config.resume is None and restarts_itself():  # torchrun --max-restarts, a requeued SLURM job
             config.resume = "auto"
         if self.claims:
