@@ -13,7 +13,6 @@ step's speed the pipeline delivers; 1.0 means the device never waits for data.
 import argparse
 import json
 import multiprocessing
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from harness import REPO, Trainee
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
@@ -33,8 +33,7 @@ from setrain.data import build_data
 from setrain.data.on_device import EncodedFiles, decode_images
 from setrain.engine.runtime import PRECISIONS, resolve_channels_last, resolve_precision
 from setrain.models import create_model
-
-REPO = Path(__file__).resolve().parents[1]
+from setrain.testing import write_cifar10, write_stl10
 
 
 class Row(NamedTuple):
@@ -81,22 +80,10 @@ def write_datasets(work: Path, tiny: bool) -> None:
                 for split, count in (("train", per_class), ("val", max(2, per_class // 10))) for c in range(classes)]  # fmt: skip
         with multiprocessing.Pool() as pool:
             pool.map(_write_jpegs, jobs)
-    rng = np.random.default_rng(0)
-    cifar = work / "cifar-10-batches-py"
-    if not cifar.is_dir():
-        cifar.mkdir(parents=True)
-        per_batch = 64 if tiny else 10_000
-        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            batch = {"batch_label": name, "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                     "labels": rng.integers(0, 10, per_batch).tolist(), "filenames": [f"{i}.png" for i in range(per_batch)]}  # fmt: skip
-            (cifar / name).write_bytes(pickle.dumps(batch))
-        (cifar / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class {i}" for i in range(10)]}))
-    stl = work / "stl10_binary"
-    if not stl.is_dir():
-        stl.mkdir(parents=True)
-        for split, count in (("train", 64 if tiny else 5000), ("test", 32 if tiny else 8000)):
-            rng.integers(0, 256, (count, 3, 96, 96), dtype=np.uint8).tofile(stl / f"{split}_X.bin")
-            rng.integers(1, 11, count, dtype=np.uint8).tofile(stl / f"{split}_y.bin")
+    if not (work / "cifar-10-batches-py").is_dir():
+        write_cifar10(work, train_per_batch=64 if tiny else 10_000, test_size=64 if tiny else 10_000)
+    if not (work / "stl10_binary").is_dir():
+        write_stl10(work, train_size=64 if tiny else 5000, test_size=32 if tiny else 8000)
 
 
 def end_to_end(row: Row, work: Path, device: str, epochs: int) -> tuple[float, DictConfig]:
@@ -155,29 +142,16 @@ def step_alone(cfg, device: torch.device, steps: int) -> float:
     precision = resolve_precision(str(cfg.trainer.precision), device)
     memory_format = torch.channels_last if resolve_channels_last(cfg.trainer.channels_last, device) else torch.contiguous_format
     size, batch = cfg.data.image_size, cfg.data.batch_size
-    model = create_model(cfg.model.name, num_classes=100 if cfg.data.name == "imagenet" else 10)
-    model = model.to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    forward = torch.compile(model) if cfg.trainer.compile else model
     images = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
     labels = torch.randint(0, 10, (batch,), device=device)
-    dtype = PRECISIONS[precision]
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.cross_entropy(forward(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    classes = 100 if cfg.data.name == "imagenet" else 10
+    trainee = Trainee(
+        lambda: create_model(cfg.model.name, num_classes=classes), (images, labels), device, memory_format,
+        PRECISIONS[precision], compiled=bool(cfg.trainer.compile),
+    )  # fmt: skip
     for _ in range(5):  # compiles, picks cuDNN algorithms
-        step()
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    return steps * batch / (time.perf_counter() - start)
+        trainee.step()
+    return batch / trainee.seconds_per_step(steps)
 
 
 def main() -> None:
