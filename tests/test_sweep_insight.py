@@ -27,6 +27,12 @@ def test_a_job_dir_is_named_after_the_swept_keys_only():
     assert job_dir_name(0, ["debug=tiny"], shared) == "0"
 
 
+def test_a_job_of_a_sweep_from_before_the_names_keeps_its_numbered_dir(tmp_path):
+    (tmp_path / "3" / ".hydra").mkdir(parents=True)
+    assert job_dir_name(3, ["model.se.reduction=16"], [], tmp_path) == "3"
+    assert job_dir_name(4, ["model.se.reduction=32"], [], tmp_path) == "4_reduction-32"
+
+
 def test_keys_that_share_their_last_part_are_named_in_full():
     assert job_dir_name(1, ["model.se.gate=tanh", "head.gate=relu"], []) == "1_head.gate-relu_model.se.gate-tanh"
 

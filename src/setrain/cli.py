@@ -54,7 +54,8 @@ SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"
 OmegaConf.register_new_resolver(
     "setrain.job_dir",
     lambda *, _root_: job_dir_name(
-        _root_.hydra.job.num, list(_root_.hydra.overrides.task), list(_root_.hydra.job.config.override_dirname.exclude_keys)
+        _root_.hydra.job.num, list(_root_.hydra.overrides.task),
+        list(_root_.hydra.job.config.override_dirname.exclude_keys), Path(_root_.hydra.sweep.dir).absolute(),
     ),
     replace=True,
 )

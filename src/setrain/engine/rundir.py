@@ -195,11 +195,14 @@ def swept_keys(task_overrides: list[str], sweeper_params: Mapping | None) -> set
     return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(sweeper_params or {})
 
 
-def job_dir_name(number: int, job_overrides: list[str], exclude_keys: list[str]) -> str:
+def job_dir_name(number: int, job_overrides: list[str], exclude_keys: list[str], sweep_dir: Path | None = None) -> str:
     """`<job number>_<key>-<value>_...` for the overrides not excluded, i.e. those the sweep varies
     (ClaimRunDir excludes the rest): `3_reduction-16`. A key is its last part unless two of them
     share it; a value loses its brackets and quotes and keeps only the characters `_PASTEABLE` allows, so every path below the job
-    dir can be passed unquoted to `checkpoint=` or `resume=`."""
+    dir can be passed unquoted to `checkpoint=` or `resume=`. A job of a sweep started when job
+    dirs were plain numbers (`<sweep_dir>/3`) keeps that dir, so the sweep continues where it was."""
+    if sweep_dir is not None and (Path(sweep_dir) / str(number) / ".hydra").is_dir():
+        return str(number)
     parsed = [o for o in OverridesParser.create().parse_overrides(job_overrides) if o.key_or_group not in exclude_keys]
     last_parts = [o.key_or_group.rsplit(".", 1)[-1] for o in parsed]
     items = []
