@@ -44,7 +44,7 @@ class Case:
     setup: Callable[[Path], None] | None = None
     hidden: list[str] = field(default_factory=list)  # run with these too, not shown
     env: dict[str, str] = field(default_factory=dict)
-    program: str = "train.py"
+    program: str = "train.py"  # or "-m <module>", e.g. "-m setrain.evaluate"
     left: bool = False  # also say what the command left in the folder (files new or changed since the setup)
     runner: Callable[[Path, "Case"], subprocess.CompletedProcess] | None = None  # instead of `cli`
 
@@ -52,7 +52,8 @@ class Case:
 def cli(root: Path, *args: str, env: dict | None = None, program="train.py") -> subprocess.CompletedProcess:
     environment = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     device = ["trainer.device=cpu"] if program == "train.py" else []  # the last value wins
-    command = [sys.executable, str(REPO_ROOT / program), *device, *args]
+    entry = program.split() if program.startswith("-m ") else [str(REPO_ROOT / program)]
+    command = [sys.executable, *entry, *device, *args]
     return subprocess.run(command, cwd=root, env={**environment, **(env or {})}, capture_output=True, text=True)
 
 
@@ -227,6 +228,13 @@ CASES = {
         Case("disk full while writing a checkpoint", ["resume=auto", "trainer.epochs=3", "hydra.run.dir=run"], "test_reliability.py::test_disk_full_while_saving_keeps_the_previous_checkpoint", setup=then(trained(*TINY), lambda root: (root / "run/checkpoints/last.pt.tmp").symlink_to("/dev/full")), hidden=TINY),
         Case("disk full under train.log (a resumed run)", ["resume=auto", "hydra.run.dir=run"], "test_reliability.py::test_a_full_disk_under_train_log_stops_the_resumed_run_in_one_line_and_keeps_last_pt", setup=then(trained(*TINY, "trainer.epochs=1"), log_to_full_disk), hidden=TINY, left=True),
     ],
+    "Commands on a trained run": [
+        Case("evaluate without a checkpoint", [], "test_trained.py::test_unreadable_checkpoints_are_one_sentence_naming_the_command", program="-m setrain.evaluate"),
+        Case("evaluate a file that is not a checkpoint", ["checkpoint=best.pt"], "test_evaluate.py::test_evaluate_cli_reports_a_bad_checkpoint_in_one_line", setup=lambda root: (root / "best.pt").write_bytes(b"\x00garbage"), program="-m setrain.evaluate"),
+        Case("predict an image path that does not exist", ["checkpoint=run", "images=nope/"], "test_predict.py::test_predict_cli_prints_a_table_and_reports_a_bad_path_in_one_line", setup=trained(*TINY), program="-m setrain.predict"),
+        Case("export to an unknown format", ["checkpoint=run", "format=tflite"], "test_export.py::test_export_cli_refuses_a_bad_checkpoint_or_format_in_one_line", setup=trained(*TINY), program="-m setrain.export"),
+        Case("analyze a checkpoint that does not exist", ["checkpoint=nope.pt"], "test_analyze.py::test_analyze_cli_reports_a_missing_checkpoint_in_one_line", program="-m setrain.analyze"),
+    ],
     "Runs": [
         Case("second run in a run directory in use", ["resume=auto", "hydra.run.dir=run"], "test_reliability.py::test_a_second_run_in_the_same_dir_is_refused_and_a_killed_run_leaves_no_lock", hidden=TINY),
         Case("SIGTERM while a sweep's first job validates (the sweep stops; the same command continues it)", ["-m", "model.se.reduction=8,16", "hydra.sweep.dir=sweep"], "test_fault_tolerance.py::test_a_signal_no_training_step_sees_stops_the_sweep_after_saving_and_the_sweep_continues", hidden=[*TINY, "data.train_size=128", "data.val_size=512", "trainer.checkpoint_every_n_steps=1"], runner=lambda root, case: signal_while_a_job_validates(root, case)),
@@ -298,6 +306,30 @@ def seen(result: subprocess.CompletedProcess, root: Path) -> str:
     return text if result.returncode in (0, 1) else f"{text} (exit status {result.returncode})"
 
 
+def table_row(case: Case) -> str:
+    """Run the case in a fresh folder: its row of the table."""
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder).resolve()
+        if case.setup:
+            case.setup(root)
+        before = files(root) if case.left else {}
+        if case.test.endswith("a_killed_run_leaves_no_lock"):
+            result = second_run_while_first_trains(root, case)
+        elif case.runner:
+            result = case.runner(root, case)
+        else:
+            result = cli(root, *case.hidden, *case.args, env=case.env, program=case.program)
+        message = seen(result, root)
+        if case.left:
+            message += f" Added or changed in the folder: {left_behind(root, before)}."
+        if "code_ran" in case.what:
+            assert not (root / "code_ran").exists()
+    env = "".join(f"{key}={value} " for key, value in case.env.items())
+    command = f"`{env}python {case.program} {shlex.join(case.args)}`"
+    message = message.replace("|", "\\|")
+    return f"| {case.what} | {command} | {message} | `{case.test}` |"
+
+
 def check_tests_exist() -> None:
     for cases in CASES.values():
         for case in cases:
@@ -313,7 +345,8 @@ def main() -> None:
     lines = [
         "# Reliability: what a mistake prints",
         "",
-        "Every case below was run through its command (`python train.py` with `trainer.device=cpu`) by",
+        "Every case below was run through its command (`python train.py` with `trainer.device=cpu`, or the",
+        "command shown) by",
         "`python scripts/reliability_table.py`, which wrote this file: the message is what it printed",
         "on stderr, with paths relative to the folder it ran in, and it exited with status 1 (another",
         "status would be shown). The test named beside each case holds setrain to that message.",
@@ -322,26 +355,7 @@ def main() -> None:
     for section, cases in CASES.items():
         lines += [f"## {section}", "", "| case | command | what the user sees | test |", "|---|---|---|---|"]
         for case in cases:
-            with tempfile.TemporaryDirectory() as folder:
-                root = Path(folder).resolve()
-                if case.setup:
-                    case.setup(root)
-                before = files(root) if case.left else {}
-                if case.test.endswith("a_killed_run_leaves_no_lock"):
-                    result = second_run_while_first_trains(root, case)
-                elif case.runner:
-                    result = case.runner(root, case)
-                else:
-                    result = cli(root, *case.hidden, *case.args, env=case.env, program=case.program)
-                message = seen(result, root)
-                if case.left:
-                    message += f" Added or changed in the folder: {left_behind(root, before)}."
-                if "code_ran" in case.what:
-                    assert not (root / "code_ran").exists()
-            env = "".join(f"{key}={value} " for key, value in case.env.items())
-            command = f"`{env}python {case.program} {shlex.join(case.args)}`"
-            message = message.replace("|", "\\|")
-            lines.append(f"| {case.what} | {command} | {message} | `{case.test}` |")
+            lines.append(table_row(case))
             print(lines[-1], flush=True)
         lines.append("")
     lines += [
