@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md, prepared to run on a fresh GPU machine within
 # 8 minutes: the data pipeline end to end against the step alone (scripts/bench_pipeline.py),
-# then the fused SE block against the plain twin and timm (scripts/bench_train.py).
+# then the fused SE tail's Triton kernels against its torch ops and `torch.library.opcheck` of its
+# custom op (tests/test_fused_se.py run as a script; in Triton's interpreter on a CPU), and the
+# fused SE block against the plain twin and timm, eager and compiled (scripts/bench_train.py).
 #
-#   bash scripts/gpu_check.sh                 # needs torch, torchvision, timm, tensorboard, tqdm
+#   bash scripts/gpu_check.sh                 # needs torch, torchvision, timm, tensorboard, tqdm, pytest
 #   DEPS=/path/to/hydra_omegaconf_antlr4 bash scripts/gpu_check.sh   # where hydra-core is not installed
 #   PATH=.venv/bin:$PATH DEVICE=cpu TINY=--tiny bash scripts/gpu_check.sh   # the dry run, on a CPU
 #
@@ -24,6 +26,8 @@ if [ "$PART" != fused ]; then
   timeout 240 python -W ignore scripts/bench_pipeline.py --device "$DEVICE" $TINY || echo "bench_pipeline exited $?"
 fi
 if [ "$PART" != pipeline ]; then
+  echo "## fused SE kernels and custom op ($DEVICE)"
+  TRITON_INTERPRET=$([ "$DEVICE" = cpu ] && echo 1 || echo 0) timeout 120 python -W ignore tests/test_fused_se.py || echo "tests/test_fused_se.py exited $?"
   echo "## bench_train fused SE ($DEVICE)"
   timeout 240 python -W ignore scripts/bench_train.py --fused-check --rounds 3 --device "$DEVICE" ${TINY:+--batch-size 4 --size 64 --steps 1} || echo "bench_train --fused-check exited $?"
 fi

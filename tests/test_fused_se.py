@@ -333,5 +333,8 @@ if __name__ == "__main__":  # the kernels on a GPU without pytest's conftest (hy
         for dtype in (torch.float32, torch.bfloat16):
             compare_backends("cuda", dtype, shape=(64, 256, 28, 28), rtol=5e-4)
         print("Triton kernels equal the torch kernels on CUDA (fp32, bf16)")
+        torch.library.opcheck(fused_se.fused_tail, tail_arguments((4, 64, 7, 7), "cuda", requires_grad=True))
+        print("opcheck passes on CUDA: the Triton path's outputs match the fake kernels, eager and compiled")
     else:
         compare_backends("cpu")
+        print("Triton kernels equal the torch kernels on the CPU (fp32)")
