@@ -21,16 +21,23 @@ def ema_weights():
     return create_model("se_resnet20", num_classes=10).state_dict()
 
 
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    """{has EMA weights: (its path, its content)}: two checkpoints the module's tests only read."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    plain, with_ema = root / "plain" / "checkpoints" / "best.pt", root / "ema" / "checkpoints" / "best.pt"
+    return {False: (plain, write_checkpoint(plain)), True: (with_ema, write_checkpoint(with_ema, ema=ema_weights()))}
+
+
 @pytest.mark.parametrize("weights, has_ema, loaded", [("auto", True, "ema"), ("auto", False, "model"),
                                                       ("model", True, "model"), ("ema", True, "ema")])  # fmt: skip
-def test_the_weights_asked_for_are_loaded(tmp_path, weights, has_ema, loaded):
-    path = tmp_path / "checkpoints" / "best.pt"
-    state = write_checkpoint(path, **({"ema": ema_weights()} if has_ema else {}))
+def test_the_weights_asked_for_are_loaded(checkpoints, tmp_path, weights, has_ema, loaded):
+    path, state = checkpoints[has_ema]
     trained = load_trained_model(command_config(path, f"weights={weights}"), "evaluate")
     assert trained.weights == loaded and trained.num_classes == 10 and trained.name == "se_resnet20"
     for key, value in trained.model.state_dict().items():
         torch.testing.assert_close(value, state[loaded][key], rtol=0, atol=0)
-    assert trained.output_dir(None, "evaluation") == tmp_path / "evaluation"
+    assert trained.output_dir(None, "evaluation") == path.parent.parent / "evaluation"
     assert trained.output_dir(str(tmp_path / "elsewhere"), "evaluation") == tmp_path / "elsewhere"
 
 
@@ -41,9 +48,8 @@ def test_the_weights_asked_for_are_loaded(tmp_path, weights, has_ema, loaded):
         ("weights=best", "weights=best is not one of auto, model, ema"),
     ],
 )
-def test_weights_that_are_not_there_are_refused(tmp_path, override, message):
-    path = tmp_path / "best.pt"
-    write_checkpoint(path)
+def test_weights_that_are_not_there_are_refused(checkpoints, override, message):
+    path, _ = checkpoints[False]
     with pytest.raises(SetrainError, match=re.escape(message)):
         load_trained_model(command_config(path, override), "evaluate")
 
@@ -59,9 +65,8 @@ def test_unreadable_checkpoints_are_one_sentence_naming_the_command(tmp_path):
         load_trained_model(command_config(corrupt), "evaluate")
 
 
-def test_data_is_the_checkpoints_own_changed_by_keys_or_replaced_by_a_file(tmp_path):
-    path = tmp_path / "best.pt"
-    write_checkpoint(path)
+def test_data_is_the_checkpoints_own_changed_by_keys_or_replaced_by_a_file(checkpoints):
+    path, _ = checkpoints[False]
     trained = load_trained_model(command_config(path), "evaluate")
     cpu = torch.device("cpu")
 
