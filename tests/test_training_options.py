@@ -149,7 +149,7 @@ def test_deterministic_mode_is_on_during_the_run_only(tiny_config, tmp_path, mon
         return build_data(*args)
 
     monkeypatch.setattr(trainer, "build_data", build_data_and_record)
-    train(tiny_config("trainer.epochs=1", "trainer.deterministic=true"), tmp_path)
+    train(tiny_config("trainer.epochs=1", "trainer.deterministic=true", "data.train_size=32"), tmp_path)
     assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
 
 
@@ -194,13 +194,13 @@ def test_cpu_runs_keep_freed_memory_unless_told_not_to(tiny_config, tmp_path, mo
     """And set malloc back to glibc's defaults when the run ends, for the next job of a sweep."""
     calls = []
     monkeypatch.setattr(runtime, "_mallopt", lambda *values: calls.append(values) or True)
-    train(tiny_config("trainer.epochs=1", f"trainer.keep_freed_memory={str(keep).lower()}"), tmp_path)
+    train(tiny_config("trainer.epochs=1", "data.train_size=32", f"trainer.keep_freed_memory={str(keep).lower()}"), tmp_path)
     assert calls == ([(-1, 0), (runtime.DEFAULT_TRIM_THRESHOLD, runtime.DEFAULT_MMAP_MAX)] if keep else [])
 
 
 def test_early_stop_ends_the_run_after_patience_epochs_without_a_better_top1(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: {"loss": 1.0, "top1": 50.0, "top5": 90.0})
-    results = train(tiny_config("trainer.epochs=10", "trainer.early_stop_patience=2"), tmp_path)
+    results = train(tiny_config("trainer.epochs=10", "trainer.early_stop_patience=2", "data.train_size=32"), tmp_path)
     assert results["stopped_early_at"] == 3 and results["final"]["epoch"] == 3
     assert results["best"]["epoch"] == 1
 
