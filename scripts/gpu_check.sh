@@ -9,8 +9,9 @@
 #   DEPS=/path/to/hydra_omegaconf_antlr4 bash scripts/gpu_check.sh   # where hydra-core is not installed
 #   PATH=.venv/bin:$PATH DEVICE=cpu TINY=--tiny bash scripts/gpu_check.sh   # the dry run, on a CPU
 #
-# The machine needs hydra-core, omegaconf and antlr4 importable: DEPS names a folder holding the
-# three packages, copied from a venv's site-packages (they are pure Python).
+# The machine needs hydra-core, omegaconf and antlr4 importable, and pytest (with pluggy, iniconfig
+# and packaging) for the kernel check: DEPS names a folder holding those missing there, copied from
+# a venv's site-packages (they are pure Python; .gpu_deps, ignored by git, is the default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src:${DEPS:-.gpu_deps}${PYTHONPATH:+:$PYTHONPATH}"
