@@ -87,6 +87,7 @@ def test_random_resized_crop_matches_torchvision_on_batches_and_mixed_sizes():
         assert (out - reference.float()).abs().mean() < 2.0 and (out - reference.float()).abs().max() < 40
 
 
+@pytest.mark.slow  # 3000 draws of torchvision's, one by one; the boxes' bounds and erasure are checked fast below
 def test_random_erasing_boxes_follow_torchvision_in_distribution():
     """The batched draws against torchvision's RandomErasing, image by image, on 3000 images:
     the share erased, the erased area and the aspect agree."""
