@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from setrain import config_checks
+from setrain.config_checks import check_data_options
 from setrain.data import DataBundle, build_data
 from setrain.engine.checkpoint import load_checkpoint, load_model_state
 from setrain.errors import SetrainError
@@ -96,7 +96,7 @@ def trained_data(
     if data_cfg is None or "name" not in data_cfg:
         data_cfg = OmegaConf.merge(trained.config["data"], data_cfg or {})
     values = OmegaConf.to_container(data_cfg, resolve=True)
-    config_checks.check_data_options(values)
+    check_data_options(values)
     data = build_data(values, device)
     if data.num_classes != trained.num_classes:
         raise SetrainError(
