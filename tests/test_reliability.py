@@ -9,10 +9,12 @@ including those tested beside the feature they guard (test_data.py, test_engine.
 import logging
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,9 +53,9 @@ class RunsCode:
         return self.call  # unpickling calls function(*args)
 
 
-def checked(*overrides: str) -> None:
+def checked(*overrides: str, config_dir: Path = REPO_ROOT / "configs") -> None:
     """`check_values` on the config `python train.py <overrides>` composes, as inside the app."""
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
@@ -163,6 +165,16 @@ def test_values_hydra_accepts_but_training_cannot_use_are_refused(overrides, mes
     with pytest.raises(SetrainError) as raised:
         checked(*overrides)
     assert str(raised.value).startswith(message), raised.value
+
+
+def test_the_defaults_compared_with_are_those_of_the_config_files_in_use(tmp_path):
+    """check_values composes the defaults once per process and config search path."""
+    shutil.copytree(REPO_ROOT / "configs", tmp_path / "configs")
+    sgd = tmp_path / "configs" / "optimizer" / "sgd.yaml"
+    sgd.write_text(sgd.read_text().replace("lr: 0.05", "lr: 0.2"))
+    for config_dir, example in ((REPO_ROOT / "configs", "0.05"), (tmp_path / "configs", "0.2")):
+        with pytest.raises(SetrainError, match=rf"^optimizer.lr=0 must be greater than 0, e.g. {example}\.$"):
+            checked("optimizer.lr=0", config_dir=config_dir)
 
 
 CHECKED_VALUES = [  # by the config checks

@@ -7,6 +7,7 @@ those before training would trip over them, or silently ignore them.
 """
 
 import copy
+import functools
 import json
 import traceback
 import warnings
@@ -109,7 +110,8 @@ def check_values(cfg: DictConfig) -> None:
         for group, choice in hydra_cfg.runtime.choices.items()
         if choice is not None and not group.startswith("hydra/")
     ]
-    defaults = OmegaConf.to_container(compose(hydra_cfg.job.config_name, overrides=choices))
+    sources = tuple(f"{source.schema}://{source.path}" for source in hydra_cfg.runtime.config_sources)
+    defaults = copy.deepcopy(_composed_defaults(hydra_cfg.job.config_name, tuple(choices), sources))
     unknown = _unknown_key({key: value for key, value in values.items() if key not in BUILT_GROUPS}, defaults)
     if unknown:
         raise SetrainError(not_a_key(*unknown))
@@ -127,6 +129,14 @@ def check_values(cfg: DictConfig) -> None:
     check_trainer_options(cfg.trainer)
     check_data_options(cfg.data)
     check_schedule(cfg)
+
+
+@functools.cache
+def _composed_defaults(config_name: str, choices: tuple[str, ...], sources: tuple[str, ...]) -> dict:
+    """The config files' values for these group choices, composed once per process: a sweep's jobs
+    (Hydra's basic launcher runs them in one process) mostly share their choices. `sources` names
+    the config search path, which the composition depends on."""
+    return OmegaConf.to_container(compose(config_name, overrides=list(choices)))
 
 
 def check_trainer_options(trainer: DictConfig) -> None:
