@@ -20,10 +20,10 @@ train: install
 test: install
 	$(PYTHON) -m pytest $(ARGS)
 
-# A test process per core (pytest-xdist), each with one torch thread (tests/conftest.py);
-# ARGS="-n 0" runs them in this process.
+# A test process per core (pytest-xdist), each with one torch thread; the tests that read a shared
+# run in one of them (tests/conftest.py). ARGS="-n 0" runs them in this process.
 test-fast: install
-	$(PYTHON) -m pytest -m "not slow" -n auto $(ARGS)
+	$(PYTHON) -m pytest -m "not slow" -n auto --dist loadgroup $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

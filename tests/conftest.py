@@ -6,18 +6,20 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-import setrain
-from setrain.models import build_model
+# pytest-xdist's controller process loads this file but runs no test, so torch, Hydra and setrain
+# are imported where they are used: the controller starts the test processes a few seconds sooner.
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Tests run tiny models on tiny batches, where torch's intra-op threads gain nothing and, on cores
-# shared with other jobs, spend their time waiting for each other: one thread each test process.
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests run tiny models on tiny batches, where torch's intra-op threads gain nothing and, on
+    cores shared with other jobs, spend their time waiting for each other: one thread a process."""
+    import torch
+
+    torch.set_num_threads(1)
 
 # A run small enough for 2 CPU cores (configs/debug/tiny.yaml): 64 shapes images of 16 px, 2 epochs.
 TINY = ["debug=tiny"]
@@ -26,6 +28,8 @@ TINY = ["debug=tiny"]
 def compose_config(*overrides: str, config_name: str = "train"):
     """The config `python train.py <overrides>` would run with (without the hydra node); another
     `config_name` gives that command's (configs/analyze.yaml for `python -m setrain.analyze`)."""
+    from hydra import compose, initialize_config_dir
+
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
         return compose(config_name, overrides=list(overrides))
 
@@ -56,6 +60,18 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
         assert fragment in result.stderr, result.stderr
 
 
+SHARED_RUNS = ("tiny_run", "trained_run")
+
+
+def pytest_collection_modifyitems(items):
+    """Under `make test-fast` (pytest-xdist, --dist loadgroup) the tests that read a shared run go
+    to one test process, so that each session-wide run trains once rather than once a process."""
+    for item in items:
+        for run in SHARED_RUNS:
+            if run in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(run))
+
+
 @pytest.fixture
 def tiny_config():
     return lambda *overrides: compose_config(*TINY, *overrides)
@@ -65,6 +81,8 @@ def tiny_config():
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     """`setrain.train(TINY)` run once in-process, shared by the fast tests that only read what a
     finished run wrote; returns its run dir and what train returned."""
+    import setrain
+
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     return run_dir, setrain.train([*TINY, f"hydra.run.dir={run_dir}"])
 
@@ -83,6 +101,11 @@ def trained_run(tmp_path_factory):
 def write_checkpoint(path: Path, *overrides: str, seed: int = 0, **entries) -> dict:
     """A checkpoint as the trainer writes it, of an untrained model of `python train.py <TINY>
     <overrides>` (initialised from `seed`), plus `entries` (such as ema=<state dict>); returns it."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from setrain.models import build_model
+
     cfg = compose_config(*TINY, *overrides)
     torch.manual_seed(seed)
     model = build_model(OmegaConf.to_container(cfg.model), num_classes=10)

@@ -53,8 +53,9 @@ DEEPEST = {"resnet101", "resnet152", "se_resnet101", "se_resnet152", "resnext101
            "resnext152_64x4d", "senet154"}  # fmt: skip
 
 
-def tiered(names) -> list:
-    return [pytest.param(n, marks=pytest.mark.slow) if n in DEEPEST else n for n in names]
+def tiered(names, deeper=()) -> list:
+    """The deepest networks (and `deeper` ones) in the end-to-end suite only."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in DEEPEST or n in deeper else n for n in names]
 
 
 @pytest.mark.parametrize("name", tiered(sorted(REFERENCES)))
@@ -70,7 +71,9 @@ def test_headline_counts_of_the_paper():
     assert meta_count(lambda: create_model("resnet50")) == 25_557_032
 
 
-@pytest.mark.parametrize("name", tiered(n for n in list_models() if is_se_model(n)))
+@pytest.mark.parametrize(  # SE-ResNet-56 and -110: SE-ResNet-20's code with more blocks
+    "name", tiered((n for n in list_models() if is_se_model(n)), deeper=("se_resnet56", "se_resnet110"))
+)
 def test_every_se_model_is_its_plain_twin_plus_the_se_blocks(name):
     """Same code, SE off: removing the SE parameters leaves exactly the twin."""
     with torch.device("meta"):
@@ -211,13 +214,12 @@ def test_mobilenet_width_multiplier_scales_the_channels():
     assert 0.2 < half / full < 0.4
 
 
-# The models under 15M parameters, whose forward and backward take well under a second here; the
-# others (and a model not listed) run them in the end-to-end suite only. Listed rather than
-# counted: building every model to count, even on the meta device, took 10 s of each collection.
-LIGHT = {
-    "resnet18", "se_resnet18", "resnet18_cifar", "senet18_cifar", "mobilenet_v1", "se_mobilenet_v1",
-    "resnet20", "se_resnet20", "resnet32", "se_resnet32", "resnet56", "se_resnet56", "resnet110", "se_resnet110",
-}  # fmt: skip
+# One model of each family and block in the fast tier: the SE models under 15M parameters, whose
+# forward and backward take well under a second here, and ResNet-20 for the path without SE (each
+# SE model's plain twin is the same code, test_every_se_model_is_its_plain_twin_plus_the_se_blocks).
+# The others, and a model not listed, run in the end-to-end suite. Listed rather than counted:
+# building every model to count, even on the meta device, took 10 s of each collection.
+LIGHT = {"se_resnet18", "senet18_cifar", "se_mobilenet_v1", "resnet20", "se_resnet20", "se_resnet32", "se_resnet56"}
 
 
 @pytest.mark.parametrize(
@@ -234,7 +236,10 @@ def test_forward_and_backward_on_a_small_input(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["se_resnet20", "senet18_cifar", "se_resnext50_32x4d", "se_mobilenet_v1"])
+# A basic and a depthwise block fast; the CIFAR SENet-18 and grouped convolutions end to end only.
+@pytest.mark.parametrize(
+    "name", ["se_resnet20", "se_mobilenet_v1", *(pytest.param(n, marks=pytest.mark.slow) for n in ("senet18_cifar", "se_resnext50_32x4d"))]
+)  # fmt: skip
 def test_channels_last_and_bf16_autocast_compute_the_same_function(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=5).eval()
@@ -291,7 +296,8 @@ def test_the_se_pattern_lists_every_se_model_and_no_plain_one():
     assert {"senet154", "senet18_cifar", "se_resnet50"} <= set(list_models("se*"))
 
 
-@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow), "resnext50_32x4d"])
+# Bottleneck blocks take the same names from timm's files too: test_pretrained's fast cases.
+@pytest.mark.parametrize("name", ["resnet18", *(pytest.param(n, marks=pytest.mark.slow) for n in ("resnet50", "resnext50_32x4d"))])
 def test_torchvision_state_dicts_load_as_they_are(name):
     """The layers carry torchvision's names: its files load with a strict load_state_dict, no renaming."""
     torch.manual_seed(0)

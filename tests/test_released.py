@@ -45,7 +45,8 @@ def serve(monkeypatch, tmp_path):
     def start(files: dict[str, bytes], cut: bool = False) -> str:
         server = ThreadingHTTPServer(("127.0.0.1", 0), ServedFiles)
         server.files, server.cut = files, cut
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # shutdown() waits for the loop's next poll: the default half second, after each test
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
         servers.append(server)
         base = f"http://127.0.0.1:{server.server_port}"
         monkeypatch.setenv(released.MIRROR_VARIABLE, base)
