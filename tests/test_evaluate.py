@@ -22,7 +22,8 @@ def test_confusion_matrix_counts_label_prediction_pairs():
     assert confusion_matrix(labels, predictions, 3).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
 
 
-@pytest.mark.parametrize("weights", ["auto", "model"])
+# weights=model (and ema) are chosen by the code every command shares: test_trained.py, fast.
+@pytest.mark.parametrize("weights", ["auto", pytest.param("model", marks=pytest.mark.slow)])
 def test_evaluation_matches_the_training_loops_numbers_for_the_weights_chosen(tmp_path, weights):
     torch.manual_seed(1)
     ema = create_model("se_resnet20", num_classes=10).state_dict()
