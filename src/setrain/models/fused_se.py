@@ -113,6 +113,11 @@ class TorchKernels:
         return mean, torch.clamp_min((x * x).sum((2, 3)) / area - mean * mean, 0)
 
     @staticmethod
+    def means(x: Tensor) -> Tensor:
+        """Per-(n, c) mean over H, W."""
+        return x.sum((2, 3), dtype=_accumulation(x)) / (x.shape[2] * x.shape[3])
+
+    @staticmethod
     def scale_add_relu(x: Tensor, a: Tensor, b: Tensor, identity: Tensor) -> Tensor:
         """relu(x * a[n, c] + b[n, c] + identity)."""
         out = torch.addcmul(b[:, :, None, None], x, a[:, :, None, None], out=torch.empty_like(x))
@@ -178,11 +183,12 @@ def _excitation(means, mean, var, gamma, beta, w1, b1, w2, b2, eps: float, gate:
 def _forward(ops, x, identity, gamma, beta, w1, b1, w2, b2, running_mean, running_var, eps, gate):
     """(out, mean, var, means): the tail's output, BN's statistics (the batch's, or the running
     ones given) and the per-(n, c) means of x, in the passes of `ops`."""
-    means, variances = ops.moments(x)
     if running_mean is None:  # the batch statistics, by the law of total variance
+        means, variances = ops.moments(x)
         mean = means.mean(0)
         var = variances.mean(0) + (means - mean).square().mean(0)
-    else:  # outputs must not be inputs
+    else:  # the running statistics: only the squeeze reads x; outputs must not be inputs
+        means = ops.means(x)
         mean, var = (stat.to(means.dtype, copy=True) for stat in (running_mean, running_var))
     e = _excitation(means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate)
     return ops.scale_add_relu(x, e.k * e.g, e.h * e.g, identity), mean, var, means
