@@ -73,6 +73,17 @@ def freed_memory_kept(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _mallopt(DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX)
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give the memory malloc kept back to the OS now (malloc_trim(3)): with the defaults back, a
+    kept free block would still serve later allocations without page faults until a free happened
+    to trim the heap."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
 
 
 def rng_states() -> dict:
