@@ -60,6 +60,11 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
         assert fragment in result.stderr, result.stderr
 
 
+def tiered(values, slow) -> list:
+    """`values` to parametrize a test with, those in `slow` run by the end-to-end suite only."""
+    return [pytest.param(value, marks=pytest.mark.slow) if value in slow else value for value in values]
+
+
 SHARED_RUNS = ("tiny_run", "trained_run")
 
 

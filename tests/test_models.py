@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiered
 from setrain.errors import SetrainError
 from setrain.models import SEBlock, build_model, create_model, is_se_model, list_models, plain_twin, registry
 from setrain.models.registry import SE_TWINS
@@ -53,12 +53,7 @@ DEEPEST = {"resnet101", "resnet152", "se_resnet101", "se_resnet152", "resnext101
            "resnext152_64x4d", "senet154"}  # fmt: skip
 
 
-def tiered(names, deeper=()) -> list:
-    """The deepest networks (and `deeper` ones) in the end-to-end suite only."""
-    return [pytest.param(n, marks=pytest.mark.slow) if n in DEEPEST or n in deeper else n for n in names]
-
-
-@pytest.mark.parametrize("name", tiered(sorted(REFERENCES)))
+@pytest.mark.parametrize("name", tiered(sorted(REFERENCES), slow=DEEPEST))
 def test_parameter_count_equals_the_reference_implementation(name):
     assert meta_count(lambda: create_model(name, num_classes=1000)) == meta_count(REFERENCES[name])
 
@@ -72,7 +67,7 @@ def test_headline_counts_of_the_paper():
 
 
 @pytest.mark.parametrize(  # SE-ResNet-56 and -110: SE-ResNet-20's code with more blocks
-    "name", tiered((n for n in list_models() if is_se_model(n)), deeper=("se_resnet56", "se_resnet110"))
+    "name", tiered([n for n in list_models() if is_se_model(n)], slow=DEEPEST | {"se_resnet56", "se_resnet110"})
 )
 def test_every_se_model_is_its_plain_twin_plus_the_se_blocks(name):
     """Same code, SE off: removing the SE parameters leaves exactly the twin."""
@@ -222,10 +217,7 @@ def test_mobilenet_width_multiplier_scales_the_channels():
 LIGHT = {"se_resnet18", "senet18_cifar", "se_mobilenet_v1", "resnet20", "se_resnet20", "se_resnet32", "se_resnet56"}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [n if n in LIGHT else pytest.param(n, marks=pytest.mark.slow) for n in list_models()],
-)
+@pytest.mark.parametrize("name", tiered(list_models(), slow=set(list_models()) - LIGHT))
 def test_forward_and_backward_on_a_small_input(name):
     """With another number of classes and input channels than the defaults, as every model takes."""
     torch.manual_seed(0)
@@ -238,7 +230,7 @@ def test_forward_and_backward_on_a_small_input(name):
 
 # A basic and a depthwise block fast; the CIFAR SENet-18 and grouped convolutions end to end only.
 @pytest.mark.parametrize(
-    "name", ["se_resnet20", "se_mobilenet_v1", *(pytest.param(n, marks=pytest.mark.slow) for n in ("senet18_cifar", "se_resnext50_32x4d"))]
+    "name", tiered(["se_resnet20", "se_mobilenet_v1", "senet18_cifar", "se_resnext50_32x4d"], slow={"senet18_cifar", "se_resnext50_32x4d"})
 )  # fmt: skip
 def test_channels_last_and_bf16_autocast_compute_the_same_function(name):
     torch.manual_seed(0)
@@ -297,7 +289,7 @@ def test_the_se_pattern_lists_every_se_model_and_no_plain_one():
 
 
 # Bottleneck blocks take the same names from timm's files too: test_pretrained's fast cases.
-@pytest.mark.parametrize("name", ["resnet18", *(pytest.param(n, marks=pytest.mark.slow) for n in ("resnet50", "resnext50_32x4d"))])
+@pytest.mark.parametrize("name", tiered(["resnet18", "resnet50", "resnext50_32x4d"], slow={"resnet50", "resnext50_32x4d"}))
 def test_torchvision_state_dicts_load_as_they_are(name):
     """The layers carry torchvision's names: its files load with a strict load_state_dict, no renaming."""
     torch.manual_seed(0)

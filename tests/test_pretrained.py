@@ -12,7 +12,7 @@ import torchvision
 from timm.models import resnet as timm_resnet
 from timm.models import senet as timm_senet
 
-from conftest import TINY, assert_user_error, compose_config, run_cli
+from conftest import TINY, assert_user_error, compose_config, run_cli, tiered
 from setrain.errors import SetrainError
 from setrain.models import build_model, create_model
 from setrain.models.pretrained import convert_state_dict, detect_layout, load_pretrained
@@ -90,9 +90,7 @@ EQUAL_OUTPUT_CASES = {
 SLOW_EQUAL_OUTPUT_CASES = {"torchvision resnet50", "torchvision resnext50_32x4d", "timm seresnet50"}
 
 
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_EQUAL_OUTPUT_CASES else c for c in EQUAL_OUTPUT_CASES]
-)
+@pytest.mark.parametrize("case", tiered(EQUAL_OUTPUT_CASES, slow=SLOW_EQUAL_OUTPUT_CASES))
 def test_imported_weights_give_the_reference_outputs(case, tmp_path):
     build_reference, name, *build_ours = EQUAL_OUTPUT_CASES[case]
     reference = randomised(build_reference())
@@ -127,9 +125,7 @@ CADENE_CASES = {
 SLOW_CADENE_CASES = {"legacy_seresnext50_32x4d"}  # its one undoing is also the other cases'
 
 
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CADENE_CASES else c for c in CADENE_CASES]
-)
+@pytest.mark.parametrize("case", tiered(CADENE_CASES, slow=SLOW_CADENE_CASES))
 def test_cadene_files_give_the_reference_outputs_in_their_layout_only(case, tmp_path):
     name, undoings = CADENE_CASES[case]
     reference = randomised(TIMM(case))
