@@ -191,11 +191,13 @@ def test_freed_tensor_memory_is_reused_without_page_faults_until_the_run_ends():
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_runs_keep_freed_memory_unless_told_not_to(tiny_config, tmp_path, monkeypatch, keep):
-    """And set malloc back to glibc's defaults when the run ends, for the next job of a sweep."""
+    """And set malloc back to glibc's defaults, giving the kept memory back, when the run ends: for
+    the next job of a sweep."""
     calls = []
     monkeypatch.setattr(runtime, "_mallopt", lambda *values: calls.append(values) or True)
+    monkeypatch.setattr(runtime, "_trim_heap", lambda: calls.append("malloc_trim"))
     train(tiny_config("trainer.epochs=1", "data.train_size=32", f"trainer.keep_freed_memory={str(keep).lower()}"), tmp_path)
-    assert calls == ([(-1, 0), (runtime.DEFAULT_TRIM_THRESHOLD, runtime.DEFAULT_MMAP_MAX)] if keep else [])
+    assert calls == ([(-1, 0), (runtime.DEFAULT_TRIM_THRESHOLD, runtime.DEFAULT_MMAP_MAX), "malloc_trim"] if keep else [])
 
 
 def test_early_stop_ends_the_run_after_patience_epochs_without_a_better_top1(tiny_config, tmp_path, monkeypatch):
