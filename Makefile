@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.setrain-installed
 
-.PHONY: install train test test-fast clean
+.PHONY: install train test test-fast gpu-deps clean
 
 install: $(INSTALLED)
 
@@ -24,6 +24,15 @@ test: install
 # run in one of them (tests/conftest.py). ARGS="-n 0" runs them in this process.
 test-fast: install
 	$(PYTHON) -m pytest -m "not slow" -n auto --dist loadgroup $(ARGS)
+
+# The pure-Python packages scripts/gpu_check.sh needs that a GPU machine with torch may lack (Hydra,
+# OmegaConf, ANTLR's runtime; pytest for the kernel check), copied from .venv into .gpu_deps, the
+# folder the script puts on PYTHONPATH and the device tool's `carry` takes.
+GPU_DEPS := hydra omegaconf antlr4 pytest _pytest pluggy iniconfig packaging
+gpu-deps: install
+	rm -rf .gpu_deps && mkdir .gpu_deps
+	$(PYTHON) -c 'import importlib, pathlib, shutil, sys; [shutil.copytree(pathlib.Path(importlib.import_module(name).__file__).parent, ".gpu_deps/" + name, ignore=shutil.ignore_patterns("__pycache__")) for name in sys.argv[1:]]' $(GPU_DEPS)
+	du -sh .gpu_deps
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -11,7 +11,9 @@
 #
 # The machine needs hydra-core, omegaconf and antlr4 importable, and pytest (with pluggy, iniconfig
 # and packaging) for the kernel check: DEPS names a folder holding those missing there, copied from
-# a venv's site-packages (they are pure Python; .gpu_deps, ignored by git, is the default).
+# a venv's site-packages (they are pure Python). `make gpu-deps` copies them from .venv into
+# .gpu_deps (ignored by git), the default; the device tool's call then carries it:
+#   run(command="bash scripts/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log", carry=[".gpu_deps"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src:${DEPS:-.gpu_deps}${PYTHONPATH:+:$PYTHONPATH}"
