@@ -29,10 +29,11 @@ test-fast: install
 # OmegaConf, ANTLR's runtime; pytest for the kernel check), copied from .venv into .gpu_deps, the
 # folder the script puts on PYTHONPATH and the device tool's `carry` takes.
 GPU_DEPS := hydra omegaconf antlr4 pytest _pytest pluggy iniconfig packaging
+GPU_DEPS_DIR ?= .gpu_deps
 gpu-deps: install
-	rm -rf .gpu_deps && mkdir .gpu_deps
-	$(PYTHON) -c 'import importlib, pathlib, shutil, sys; [shutil.copytree(pathlib.Path(importlib.import_module(name).__file__).parent, ".gpu_deps/" + name, ignore=shutil.ignore_patterns("__pycache__")) for name in sys.argv[1:]]' $(GPU_DEPS)
-	du -sh .gpu_deps
+	rm -rf $(GPU_DEPS_DIR) && mkdir -p $(GPU_DEPS_DIR)
+	$(PYTHON) -c 'import importlib, pathlib, shutil, sys; [shutil.copytree(pathlib.Path(importlib.import_module(name).__file__).parent, pathlib.Path(sys.argv[1], name), ignore=shutil.ignore_patterns("__pycache__")) for name in sys.argv[2:]]' $(GPU_DEPS_DIR) $(GPU_DEPS)
+	du -sh $(GPU_DEPS_DIR)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

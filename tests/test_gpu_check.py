@@ -1,0 +1,22 @@
+"""scripts/gpu_check.sh's set-up: what the GPU machine lacks travels as copies made by `make gpu-deps`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_make_gpu_deps_copies_importable_hydra_omegaconf_and_pytest(tmp_path):
+    deps = tmp_path / "deps"
+    made = subprocess.run(["make", "gpu-deps", f"GPU_DEPS_DIR={deps}"], cwd=ROOT, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import hydra, omegaconf, antlr4, pytest; "
+        "from hydra import compose, initialize_config_dir; "
+        "print(*(m.__file__ for m in (hydra, omegaconf, antlr4, pytest)), sep='\\n')"
+    )
+    imported = subprocess.run([sys.executable, "-c", probe, str(deps)], capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+    assert all(Path(path).is_relative_to(deps) for path in imported.stdout.split())
+    assert not list(deps.rglob("__pycache__"))
