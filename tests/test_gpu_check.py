@@ -9,7 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_make_gpu_deps_copies_importable_hydra_omegaconf_and_pytest(tmp_path):
     deps = tmp_path / "deps"
-    made = subprocess.run(["make", "gpu-deps", f"GPU_DEPS_DIR={deps}"], cwd=ROOT, capture_output=True, text=True)
+    # From the Python running the tests, without installing .venv (`-o install`).
+    make = ["make", "-o", "install", "gpu-deps", f"PYTHON={sys.executable}", f"GPU_DEPS_DIR={deps}"]
+    made = subprocess.run(make, cwd=ROOT, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]); import hydra, omegaconf, antlr4, pytest; "
