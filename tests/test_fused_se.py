@@ -82,6 +82,69 @@ def test_bottleneck_with_identity_shortcut(groups):
     assert_same_step(block, fused, x)
 
 
+EVAL_BLOCKS = {  # the last conv 1x1 (the squeeze folds through it) or 3x3; identity or projection shortcut
+    "bottleneck": lambda gate: Bottleneck(32, 8, 1, se=dict(reduction=8, gate=gate)),
+    "bottleneck-grouped-strided": lambda gate: Bottleneck(
+        16, 8, 2, se=dict(reduction=4, gate=gate), groups=4, width_per_group=16
+    ),
+    "basic-strided": lambda gate: BasicBlock(8, 16, 2, se=dict(reduction=4, gate=gate)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("no_autograd", [torch.inference_mode, torch.no_grad], ids=["inference_mode", "no_grad"])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("kind", EVAL_BLOCKS)
+def test_eval_without_autograd_folds_bn_into_the_conv(monkeypatch, no_autograd, memory_format, gate, kind):
+    block, fused = (model.eval() for model in fused_pair(EVAL_BLOCKS[kind](gate)))
+    monkeypatch.setattr(fused_se, "fused_tail", lambda *a: _unreachable())  # not the custom op
+    x = torch.randn(3, block.conv1.in_channels, 6, 5).to(memory_format=memory_format)
+    with no_autograd():
+        out = fused(x)
+        torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=memory_format)
+    squeezed_through_the_conv = fused.fold_cache.constants.hidden_weight is not None
+    assert squeezed_through_the_conv == kind.startswith("bottleneck")
+
+
+def test_folded_constants_follow_the_weights_they_fold():
+    """After an optimizer step and BN's running statistics moved by training, a loaded state dict and
+    a change of dtype, the folded form still computes the unfused block's function."""
+    block, fused = fused_pair(Bottleneck(32, 8, 1, se=dict(reduction=8)))
+    x = torch.randn(2, 32, 5, 5)
+
+    def assert_same_eval(x):
+        block.eval(), fused.eval()
+        with torch.inference_mode():
+            out = fused(x)
+            torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
+        return out
+
+    before = assert_same_eval(x)
+    for model in (block, fused):
+        optimizer = torch.optim.SGD(model.train().parameters(), lr=0.1)
+        model(x).mean().backward()
+        optimizer.step()
+    assert not torch.allclose(assert_same_eval(x), before)
+    block.load_state_dict(fused_pair(Bottleneck(32, 8, 1, se=dict(reduction=8)))[0].state_dict())
+    fused.load_state_dict(block.state_dict())
+    assert_same_eval(x)
+    block.double(), fused.double()
+    assert assert_same_eval(x.double()).dtype == torch.float64
+
+
+def test_folded_form_under_bf16_autocast_is_within_bf16_rounding_of_fp32():
+    block, fused = (model.eval() for model in fused_pair(Bottleneck(32, 8, 1, se=dict(reduction=8))))
+    x = torch.randn(4, 32, 6, 6)
+    with torch.inference_mode():
+        reference = block(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = block(x), fused(x)
+    assert all(out.dtype == torch.bfloat16 for out in outputs)
+    unfused_error, fused_error = ((out.float() - reference).abs().max() for out in outputs)
+    assert fused_error <= 2 * unfused_error + 1e-2
+
+
 def test_fp64_is_exact_to_fp64_rounding():
     block, fused = fused_pair(Bottleneck(16, 4, 2, se=dict(reduction=4)).double())
     x = torch.randn(4, 16, 6, 6, dtype=torch.float64)
@@ -312,16 +375,24 @@ def test_sync_batchnorm_runs_unfused(monkeypatch):
 
 
 def test_auto_follows_the_device_table(monkeypatch):
+    """Keyed by device type, compilation and inference (eval mode without autograd)."""
     model = create_model("se_resnet20", num_classes=3)
     x = torch.randn(1, 3, 8, 8)
     calls = []
     monkeypatch.setattr(fused_se, "fused_tail", lambda *a: calls.append(1) or _unreachable())
-    monkeypatch.setitem(fused_se.AUTO, ("cpu", False), False)
+    monkeypatch.setattr(fused_se.FoldCache, "__call__", lambda *a: calls.append(1) or _unreachable())
+    monkeypatch.setitem(fused_se.AUTO, ("cpu", False, False), False)
+    monkeypatch.setitem(fused_se.AUTO, ("cpu", False, True), False)
     model(x)
+    with torch.inference_mode():
+        model.eval()(x)
     assert calls == []
-    monkeypatch.setitem(fused_se.AUTO, ("cpu", False), True)
-    with pytest.raises(RuntimeError, match="fused path taken"):
+    monkeypatch.setitem(fused_se.AUTO, ("cpu", False, True), True)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="fused path taken"):
         model(x)
+    monkeypatch.setitem(fused_se.AUTO, ("cpu", False, False), True)
+    with pytest.raises(RuntimeError, match="fused path taken"):
+        model.train()(x)
 
 
 def _unreachable():

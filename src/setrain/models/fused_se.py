@@ -13,6 +13,12 @@ The tail and its backward are two `torch.library` custom ops, `setrain::se_resid
 compiled model keeps for the backward what eager keeps (x, the output, per-channel statistics)
 and runs the same kernels. These are Triton's on CUDA (`fused_se_triton`) and torch ops elsewhere.
 Only the standard placement with the average squeeze fuses; other variants run the block as written.
+
+In eval mode without autograd (`inference_mode`, `no_grad`), where the passes are torch ops, the tail
+takes a form with fewer passes still (`folded_tail`): BN folds into the last conv's weight and bias,
+and when that conv is 1x1 (the bottleneck's) the squeeze folds through it too, since the mean of
+conv(h) over H, W is the conv of h's mean: the excitation then reads h's per-channel means (a
+quarter of the channels) through a small matrix, the first FC times the folded conv.
 """
 
 import logging
@@ -27,10 +33,14 @@ from setrain.errors import SetrainError
 log = logging.getLogger(__name__)
 
 FUSED_CHOICES = ("auto", True, False)
-# Where `fused: auto` takes the fused path, per (device type, under torch.compile); measured in
-# docs/benchmarks.md (Fused SE). Compiled CUDA was measured when compile traced the fused tail into
-# inductor's graph (more memory than unfused); the custom op is yet to be measured there.
-AUTO = {("cuda", False): True, ("cuda", True): False, ("cpu", False): False, ("cpu", True): False}
+# Where `fused: auto` takes the fused path, per (device type, under torch.compile, eval without
+# autograd); measured in docs/benchmarks.md (Fused SE). Compiled CUDA was measured when compile
+# traced the fused tail into inductor's graph (more memory than unfused); the custom op is yet to be
+# measured there. CUDA without autograd runs the Triton tail with BN's running statistics.
+AUTO = {
+    ("cuda", False, False): True, ("cuda", True, False): False, ("cuda", False, True): True, ("cuda", True, True): False,
+    ("cpu", False, False): False, ("cpu", True, False): False, ("cpu", False, True): True, ("cpu", True, True): False,
+}  # fmt: skip
 
 
 def fused_setting(fused, placement: str, squeeze: str):
@@ -48,14 +58,21 @@ def fused_setting(fused, placement: str, squeeze: str):
     return fused
 
 
-def takes_fused_path(fused, x: Tensor, bn: nn.Module) -> bool:
-    """Whether this call fuses: not with SyncBatchNorm (`trainer.sync_batchnorm`), whose batch
-    statistics are those of all processes."""
+def fused_form(fused, x: Tensor, bn: nn.Module) -> str | None:
+    """How this call runs the tail: "folded" (`folded_tail`) in eval mode with BN's running
+    statistics, nothing recorded for autograd, in eager mode, where the passes are torch ops;
+    otherwise "op" (the custom op); None (unfused) when not fused, and with SyncBatchNorm
+    (`trainer.sync_batchnorm`), whose batch statistics are those of all processes."""
     if isinstance(bn, nn.SyncBatchNorm):
-        return False
+        return None
+    inference = not bn.training and not torch.is_grad_enabled()
+    compiling = torch.compiler.is_compiling()
     if fused == "auto":
-        return AUTO.get((x.device.type, torch.compiler.is_compiling()), False)
-    return fused
+        fused = AUTO.get((x.device.type, compiling, inference), False)
+    if not fused:
+        return None
+    folds = inference and bn.running_mean is not None and not compiling and kernels(x) is TorchKernels
+    return "folded" if folds else "op"
 
 
 def unfuse(model: nn.Module) -> nn.Module:
@@ -86,6 +103,71 @@ def se_residual_tail(x: Tensor, identity: Tensor, bn: nn.BatchNorm2d, se: nn.Mod
             bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
             bn.running_var.mul_(1 - factor).add_(var * (count / max(count - 1, 1)), alpha=factor)
     return out
+
+
+class FoldedConstants(NamedTuple):
+    """The last conv's weight and bias with BN folded in, and (1x1 conv) the first FC folded through
+    them, as (input channels, hidden) for the per-channel means of the conv's input; None for other
+    convs."""
+
+    weight: Tensor
+    bias: Tensor
+    hidden_weight: Tensor | None
+    hidden_bias: Tensor | None
+
+
+class FoldCache:
+    """A block's `FoldedConstants`, computed again when a tensor they come from changes: in place
+    (an optimizer step, `load_state_dict`, EMA) or replaced (`.to()`)."""
+
+    def __init__(self):
+        self.key, self.constants = None, None
+
+    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, first: nn.Linear) -> FoldedConstants:
+        sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, first.weight, first.bias)
+        key = (bn.eps, *((id(t), t.data_ptr(), t._version) for t in sources))
+        if key != self.key:
+            with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
+                self.constants = _fold(conv, bn, first)
+            self.key = key
+        return self.constants
+
+
+def _squeezes_through(conv: nn.Conv2d) -> bool:
+    """Whether mean_hw(conv(h)) = conv(mean_hw(h)): a 1x1 conv of stride 1, one group, no padding."""
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, first: nn.Linear) -> FoldedConstants:
+    dtype = _accumulation(conv.weight)
+    k = bn.weight.to(dtype) * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    bias = bn.bias.to(dtype) - bn.running_mean.to(dtype) * k
+    weight = conv.weight.to(dtype) * k[:, None, None, None]
+    hidden_weight = hidden_bias = None
+    if _squeezes_through(conv):
+        hidden_weight = weight.flatten(1).T @ first.weight.to(dtype).T  # (input channels, hidden)
+        hidden_bias = F.linear(bias, first.weight.to(dtype), first.bias.to(dtype))
+    constants = (weight, bias, hidden_weight, hidden_bias)
+    return FoldedConstants(*(None if t is None else t.to(conv.weight.dtype) for t in constants))
+
+
+def folded_tail(
+    h: Tensor, identity: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, se: nn.Module, cache: FoldCache
+) -> Tensor:
+    """relu(se(bn(conv(h))) + identity) in eval without autograd: the conv with BN folded in, the
+    gate from the squeeze (of h through the folded conv and first FC when the conv is 1x1), and one
+    pass for scale and residual add before the ReLU. At batch 1 the small ops' dispatch costs as
+    much as their arithmetic, so there are few of them (in place, the mean's division in addmm)."""
+    first, second = se.excitation[0], se.excitation[2]
+    constants = cache(conv, bn, first)
+    z = F.conv2d(h, constants.weight, constants.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if constants.hidden_weight is None:  # the squeeze of z itself
+        squeezed, weight, bias = z, first.weight.t(), first.bias
+    else:
+        squeezed, weight, bias = h, constants.hidden_weight, constants.hidden_bias
+    hidden = torch.addmm(bias, squeezed.sum((2, 3)), weight, alpha=1 / (squeezed.shape[2] * squeezed.shape[3]))
+    g = _GATES_IN_PLACE[se.gate](F.linear(hidden.relu_(), second.weight, second.bias))
+    return torch.addcmul(identity, z, g.view(*g.shape, 1, 1), out=z).relu_()
 
 
 def kernels(x: Tensor):
@@ -144,6 +226,7 @@ def _accumulation(x: Tensor) -> torch.dtype:
 
 
 _GATES = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+_GATES_IN_PLACE = {"sigmoid": torch.sigmoid_, "tanh": torch.tanh_, "relu": torch.relu_}
 
 
 def _gate_grad(gate: str, g: Tensor) -> Tensor:

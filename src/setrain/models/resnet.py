@@ -14,7 +14,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from setrain.errors import SetrainError
-from setrain.models.fused_se import fused_setting, se_residual_tail, takes_fused_path
+from setrain.models.fused_se import FoldCache, folded_tail, fused_form, fused_setting, se_residual_tail
 from setrain.models.layers import conv_bn_relu
 from setrain.models.registry import register_model
 from setrain.models.se import SEBlock, check_choice, check_se_options
@@ -42,7 +42,8 @@ class ResidualBlock(nn.Module):
     before the addition, "pre" on the input of the residual branch, "post" after the addition
     and its ReLU, "identity" on the shortcut, in parallel to the residual branch.
     `fused` (True, False or "auto", see `fused_se`): the standard placement's last BN, SE,
-    addition and ReLU in a few passes, with the same parameters and results.
+    addition and ReLU in a few passes, with the same parameters and results; in eval mode without
+    autograd, with BN folded into the last conv (the constants in `fold_cache`).
     """
 
     expansion = 1
@@ -57,21 +58,34 @@ class ResidualBlock(nn.Module):
         self.se = SEBlock(se_channels, **se) if se is not None else nn.Identity()
         self.placement = placement
         self.fused = fused if se is not None else False
+        self.fold_cache = FoldCache()
         self.downsample = _downsample(in_channels, out_channels, stride, down_kernel_size)
 
     @property
     def last_bn(self) -> nn.BatchNorm2d:
         return getattr(self, f"bn{self.depth}")
 
-    def residual(self, x: Tensor, last_bn: bool = True) -> Tensor:
-        """The residual branch; without its last BN when `last_bn` is false (the fused tail applies it)."""
+    @property
+    def last_conv(self) -> nn.Conv2d:
+        return getattr(self, f"conv{self.depth}")
+
+    def last_conv_input(self, x: Tensor) -> Tensor:
+        """The residual branch up to its last conv."""
         for number in range(1, self.depth):
             x = self.relu(getattr(self, f"bn{number}")(getattr(self, f"conv{number}")(x)))
-        x = getattr(self, f"conv{self.depth}")(x)
+        return x
+
+    def residual(self, x: Tensor, last_bn: bool = True) -> Tensor:
+        """The residual branch; without its last BN when `last_bn` is false (the fused tail applies it)."""
+        x = self.last_conv(self.last_conv_input(x))
         return self.last_bn(x) if last_bn else x
 
     def forward(self, x: Tensor) -> Tensor:
-        if takes_fused_path(self.fused, x, self.last_bn):
+        form = fused_form(self.fused, x, self.last_bn)
+        if form == "folded":
+            h = self.last_conv_input(x)
+            return folded_tail(h, self.downsample(x), self.last_conv, self.last_bn, self.se, self.fold_cache)
+        if form == "op":
             return se_residual_tail(self.residual(x, last_bn=False), self.downsample(x), self.last_bn, self.se)
         branch = self.residual(self.se(x) if self.placement == "pre" else x)
         if self.placement == "standard":
