@@ -374,6 +374,22 @@ def test_sync_batchnorm_runs_unfused(monkeypatch):
     model(torch.randn(2, 3, 8, 8))  # without a process group SyncBatchNorm computes BN
 
 
+def test_hooks_on_se_modules_see_the_gates_and_a_block_without_se_runs():
+    """The fused forward calls no SE module: while a hook watches one, its block runs unfused."""
+    model = create_model("se_resnet20", num_classes=3, fused=True)
+    x = torch.randn(2, 3, 8, 8)
+    gates = []
+    handle = model.layer1[0].se.excitation.register_forward_hook(lambda module, inputs, gate: gates.append(gate))
+    model(x)
+    with torch.inference_mode():
+        model.eval()(x)
+    handle.remove()
+    assert [gate.shape for gate in gates] == [(2, 16), (2, 16)]
+    model.layer1[0].se = nn.Identity()  # SE taken out of a block by hand: it runs as a plain block
+    with torch.inference_mode():
+        model(x)
+
+
 def test_auto_follows_the_device_table(monkeypatch):
     """Keyed by device type, compilation and inference (eval mode without autograd)."""
     model = create_model("se_resnet20", num_classes=3)

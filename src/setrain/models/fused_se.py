@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from setrain.errors import SetrainError
+from setrain.models.se import SEBlock
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,14 @@ def fused_setting(fused, placement: str, squeeze: str):
     return fused
 
 
-def fused_form(fused, x: Tensor, bn: nn.Module) -> str | None:
+def fused_form(fused, x: Tensor, bn: nn.Module, se: nn.Module) -> str | None:
     """How this call runs the tail: "folded" (`folded_tail`) in eval mode with BN's running
     statistics, nothing recorded for autograd, in eager mode, where the passes are torch ops;
-    otherwise "op" (the custom op); None (unfused) when not fused, and with SyncBatchNorm
-    (`trainer.sync_batchnorm`), whose batch statistics are those of all processes."""
-    if isinstance(bn, nn.SyncBatchNorm):
+    otherwise "op" (the custom op); None (unfused) when not fused, with SyncBatchNorm
+    (`trainer.sync_batchnorm`), whose batch statistics are those of all processes, with `se`
+    replaced by another module, and while hooks watch an SE module (setrain.analyze, the gate
+    histograms): the fused forward calls none."""
+    if isinstance(bn, nn.SyncBatchNorm) or not isinstance(se, SEBlock) or _hooked(se):
         return None
     inference = not bn.training and not torch.is_grad_enabled()
     compiling = torch.compiler.is_compiling()
@@ -73,6 +76,13 @@ def fused_form(fused, x: Tensor, bn: nn.Module) -> str | None:
         return None
     folds = inference and bn.running_mean is not None and not compiling and kernels(x) is TorchKernels
     return "folded" if folds else "op"
+
+
+def _hooked(module: nn.Module) -> bool:
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in module.modules()
+    )  # fmt: skip
 
 
 def unfuse(model: nn.Module) -> nn.Module:
