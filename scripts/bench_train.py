@@ -17,7 +17,8 @@ is that of the fastest rounds, with the median and range of the ratio within eac
 is forward, cross-entropy, backward and an SGD step on random inputs. Measured per model: ms per
 step, images/s, peak memory of a step, and the FLOP/s reached (conv and matmul FLOPs counted by
 torch.utils.flop_counter; the model FLOP utilisation against the GPU's peak when there is one).
-Also on the CPU: inference latency at batch 1 and 224 px, and the time from `python train.py`
+Also on the CPU: inference latency at batch 1 (224 px, 32 px for the CIFAR group) in
+`--inference-rounds` rounds (`--inference-only`: nothing else), and the time from `python train.py`
 (default config) to its first training step. `--device cuda` measures bf16 autocast,
 channels_last, batch 256 and 224 px instead. `--compile` adds channels_last settings in which
 every model is compiled by torch.compile's default inductor backend (as `trainer.compile=true`);
@@ -169,11 +170,11 @@ def step_figures(models: dict[str, Trainee]) -> dict[str, tuple[float, int]]:
     return {label: (t.peak_memory_mb(), t.flops_per_step()) for label, t in models.items()}
 
 
-def inference_times(group, args) -> dict[str, list[float]]:
-    """Seconds per image of batch-1, 224 px CPU inference (eval mode, channels_last), per round;
+def inference_times(group, size: int, args) -> dict[str, list[float]]:
+    """Seconds per image of batch-1 CPU inference (eval mode, channels_last), per round;
     with `--compile` also of each model compiled by inductor with freezing (weights folded into
     the graph as constants, BatchNorm into the convolutions), compiled before the rounds."""
-    image = torch.randn(1, 3, 224, 224).to(memory_format=torch.channels_last)
+    image = torch.randn(1, 3, size, size).to(memory_format=torch.channels_last)
     models = {label: build().eval().to(memory_format=torch.channels_last) for label, build in group}
     if args.compile:
         # For the rest of the process; it only changes graphs compiled without autograd. Given in
@@ -196,7 +197,7 @@ def inference_times(group, args) -> dict[str, list[float]]:
 
     return interleaved(
         {label: partial(latency, model) for label, model in models.items()},
-        args.rounds, args.quiet_wait, args.busy_at_round_start,
+        args.inference_rounds, args.quiet_wait, args.busy_at_round_start,
     )  # fmt: skip
 
 
@@ -302,6 +303,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--steps", type=int, default=3, help="training steps per measurement")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per model")
+    parser.add_argument(
+        "--inference-rounds", type=int, default=30,
+        help="interleaved rounds of batch-1 CPU inference per model (5 images each)",
+    )  # fmt: skip
+    parser.add_argument("--inference-only", action="store_true", help="CPU batch-1 inference alone")
     parser.add_argument("--batch-size", type=int, help="default: 32 on the CPU, 256 on CUDA")
     parser.add_argument(
         "--size", type=int, help="the ImageNet models' input size; default: 96 on the CPU, 224 on CUDA"
@@ -402,9 +408,10 @@ def main() -> None:
         return
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    lines, ratios = measure(args, device)
-    inference = device.type == "cpu" and not args.fused_check and "resnet50" in args.groups
-    latency = inference_times(GROUPS["resnet50"].models, args) if inference else {}
+    lines, ratios = ([], []) if args.inference_only else measure(args, device)
+    inference = device.type == "cpu" and not args.fused_check
+    latency = {key: inference_times(group.models, group.size or 224, args) for key, group in GROUPS.items()
+               if inference and key in args.groups}  # fmt: skip
     seconds_to_start = None if args.skip_startup else startup(args.startup_runs, args.quiet_wait)
     text = report(args, device, kept_freed_memory, lines, ratios, latency, seconds_to_start)
     print(text)
@@ -435,20 +442,28 @@ def figures_and_rows(args, device, setting, key, seconds, faults, models) -> tup
     return rows, group_ratios(f"{setting.name}, {title}", key, labels, seconds, memory, setting, device)
 
 
+def inference_ratios(key: str, latency: dict, compile: bool) -> list[str]:
+    """The batch-1 inference ratio rows of group `key`; SE-ResNet-50's fused one has a target."""
+    title, size, models = GROUPS[key]
+    fused, se, twin, timm_se, _ = (label for label, _ in models)
+    rows = []
+    for suffix, compiled in (("", False), (", compiled", True)) if compile else (("", False),):
+        what = f"CPU inference, batch 1, {size or 224} px{suffix}, {title}"
+        target = TARGETS["cpu", compiled]["inference"] if key == "resnet50" else None
+        rows.append(ratio_row(f"{what}, SE overhead, fused", latency, fused + suffix, twin + suffix, target))
+        rows.append(ratio_row(f"{what}, SE overhead, unfused", latency, se + suffix, twin + suffix, None))
+        rows.append(ratio_row(f"{what}, against timm", latency, fused + suffix, timm_se + suffix, None))
+    return rows
+
+
 def report(args, device, kept_freed_memory, lines, ratios, latency, seconds_to_start) -> str:
     """The section of docs/benchmarks.md: how it was measured, the tables, the ratios."""
     latency_rows = [
-        f"| {label} | {1000 * min(times):.1f} | {1000 * statistics.median(times):.1f} |"
-        for label, times in latency.items()
-    ]
-    if latency:
-        fused, se, twin, timm_se, _ = (label for label, _ in GROUPS["resnet50"].models)
-        for suffix, compiled in (("", False), (", compiled", True)) if args.compile else (("", False),):
-            what = f"CPU inference, batch 1, 224 px{suffix}"
-            target = TARGETS["cpu", compiled]["inference"]
-            ratios.append(ratio_row(f"{what}, SE overhead, fused", latency, fused + suffix, twin + suffix, target))
-            ratios.append(ratio_row(f"{what}, SE overhead, unfused", latency, se + suffix, twin + suffix, None))
-            ratios.append(ratio_row(f"{what}, against timm", latency, fused + suffix, timm_se + suffix, None))
+        f"| {GROUPS[key].size or 224} px | {label} | {1000 * min(times):.1f} | {1000 * statistics.median(times):.1f} |"
+        for key, group_latency in latency.items() for label, times in group_latency.items()
+    ]  # fmt: skip
+    for key, group_latency in latency.items():
+        ratios += inference_ratios(key, group_latency, args.compile)
     load = os.getloadavg()[0]
     busy = args.busy_at_round_start or [float("nan")]
     quiet = sum(b <= 0.2 for b in busy)
@@ -456,10 +471,11 @@ def report(args, device, kept_freed_memory, lines, ratios, latency, seconds_to_s
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name(device)} and {where}"
     inference_table = [
-        "CPU inference latency, batch 1, 224 px, channels_last, eval mode:",
+        f"CPU inference latency, batch 1, channels_last, eval mode, `torch.inference_mode`, "
+        f"{args.inference_rounds} interleaved rounds of 5 images:",
         "",
-        "| model | ms / image, fastest round | median |",
-        "|---|---:|---:|",
+        "| input | model | ms / image, fastest round | median |",
+        "|---|---|---:|---:|",
         *latency_rows,
         "",
     ]
@@ -469,18 +485,15 @@ def report(args, device, kept_freed_memory, lines, ratios, latency, seconds_to_s
         f"Measured by `python scripts/bench_train.py` on {where}, device {device}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}, "
         f"{time.strftime('%Y-%m-%d')}; 1-minute load average {load:.1f} at the end. Interleaved, "
-        f"{args.rounds} rounds of {args.steps} steps, batch {args.batch_size}; each round "
+        + (f"{args.rounds} rounds of {args.steps} steps, batch {args.batch_size}; " if lines else "")
+        + f"each round "
         f"waited up to {args.quiet_wait:.0f} s for an idle CPU; {quiet} of {len(busy)} rounds "
         f"started on one (under 20% busy), the CPU's median busy share at round start was "
         f"{statistics.median(busy):.0%}. "
         + ("glibc's malloc keeps freed memory for reuse in all models' runs, as setrain's trainer does on "
            "the CPU (`trainer.keep_freed_memory`)." if kept_freed_memory else "The C library's default malloc settings."),
         "",
-        "| setting | model | input | ms / step, fastest round | median | images/s | peak MiB | GFLOP/s "
-        "| MFU | page faults / step |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
-        *lines,
-        "",
+        *(step_table(lines) if lines else []),
         *(inference_table if latency else []),
         "| ratio | fastest rounds | per round: median | range | target | |",
         "|---|---:|---:|---|---|---|",
@@ -488,6 +501,16 @@ def report(args, device, kept_freed_memory, lines, ratios, latency, seconds_to_s
         "",
         *startup_table(seconds_to_start),
     ])  # fmt: skip
+
+
+def step_table(lines: list[str]) -> list[str]:
+    return [
+        "| setting | model | input | ms / step, fastest round | median | images/s | peak MiB | GFLOP/s "
+        "| MFU | page faults / step |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
+        *lines,
+        "",
+    ]
 
 
 def startup_table(seconds_to_start: dict | None) -> list[str]:

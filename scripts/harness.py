@@ -50,15 +50,19 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.2) -> float:
 def interleaved(measures: dict, rounds: int, quiet_wait: float, busy_seen: list[float]) -> dict[str, list[float]]:
     """`rounds` values of each measure, the measures taking turns within each round, so that a slow
     moment of the machine hits them all alike; each round first waits up to `quiet_wait` s for an
-    idle CPU and appends the busy share it started on to `busy_seen`.
+    idle CPU and appends the busy share it started on to `busy_seen`. Each round starts with the
+    next measure (A B C, B C A, C A B, ...): the first after the wait runs on a CPU that has idled,
+    and would otherwise always be the same one.
 
     The first round is a warm-up (allocator, oneDNN/cuDNN kernel choice) and is not kept."""
     values = {label: [] for label in measures}
+    labels = list(measures)
     for round_index in range(rounds + 1):
         if round_index > 0:
             busy_seen.append(wait_until_quiet(quiet_wait))
-        for label, measure in measures.items():
-            value = measure()
+        start = round_index % len(labels)
+        for label in labels[start:] + labels[:start]:
+            value = measures[label]()
             if round_index > 0:
                 values[label].append(value)
     return values
