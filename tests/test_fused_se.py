@@ -133,6 +133,17 @@ def test_folded_constants_follow_the_weights_they_fold():
     assert assert_same_eval(x.double()).dtype == torch.float64
 
 
+def test_weights_made_under_inference_mode_run_the_tail_unfolded():
+    """Their changes bump no version counter, so nothing folded from them is kept."""
+    with torch.inference_mode():
+        block, fused = (model.eval() for model in fused_pair(Bottleneck(32, 8, 1, se=dict(reduction=8))))
+        x = torch.randn(2, 32, 5, 5)
+        torch.testing.assert_close(fused(x), block(x), rtol=1e-5, atol=1e-5)
+        fused.bn3.running_var.mul_(2), block.bn3.running_var.mul_(2)
+        torch.testing.assert_close(fused(x), block(x), rtol=1e-5, atol=1e-5)
+    assert fused.fold_cache.constants is None
+
+
 def test_folded_form_under_bf16_autocast_is_within_bf16_rounding_of_fp32():
     block, fused = (model.eval() for model in fused_pair(Bottleneck(32, 8, 1, se=dict(reduction=8))))
     x = torch.randn(4, 32, 6, 6)

@@ -128,13 +128,16 @@ class FoldedConstants(NamedTuple):
 
 class FoldCache:
     """A block's `FoldedConstants`, computed again when a tensor they come from changes: in place
-    (an optimizer step, `load_state_dict`, EMA) or replaced (`.to()`)."""
+    (an optimizer step, `load_state_dict`, EMA) or replaced (`.to()`). None for weights made under
+    `inference_mode`, whose changes no version counter records."""
 
     def __init__(self):
         self.key, self.constants = None, None
 
-    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, first: nn.Linear) -> FoldedConstants:
+    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, first: nn.Linear) -> FoldedConstants | None:
         sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, first.weight, first.bias)
+        if any(t.is_inference() for t in sources):
+            return None
         key = (bn.eps, *((id(t), t.data_ptr(), t._version) for t in sources))
         if key != self.key:
             with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
@@ -170,6 +173,8 @@ def folded_tail(
     much as their arithmetic, so there are few of them (in place, the mean's division in addmm)."""
     first, second = se.excitation[0], se.excitation[2]
     constants = cache(conv, bn, first)
+    if constants is None:
+        return se_residual_tail(conv(h), identity, bn, se)
     z = F.conv2d(h, constants.weight, constants.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if constants.hidden_weight is None:  # the squeeze of z itself
         squeezed, weight, bias = z, first.weight.t(), first.bias
