@@ -59,17 +59,20 @@ def fused_setting(fused, placement: str, squeeze: str):
     return fused
 
 
-def fused_form(fused, x: Tensor, bn: nn.Module, se: nn.Module) -> str | None:
+def fused_form(fused, x: Tensor, conv: nn.Module, bn: nn.Module, se: nn.Module) -> str | None:
     """How this call runs the tail: "folded" (`folded_tail`) in eval mode with BN's running
     statistics, nothing recorded for autograd, in eager mode, where the passes are torch ops;
-    otherwise "op" (the custom op); None (unfused) when not fused, with SyncBatchNorm
-    (`trainer.sync_batchnorm`), whose batch statistics are those of all processes, with `se`
-    replaced by another module, and while hooks watch an SE module (setrain.analyze, the gate
-    histograms): the fused forward calls none."""
-    if isinstance(bn, nn.SyncBatchNorm) or not isinstance(se, SEBlock) or _hooked(se):
+    otherwise "op" (the custom op). None (unfused) when not fused; with SyncBatchNorm
+    (`trainer.sync_batchnorm`), whose batch statistics are those of all processes; with `se`
+    replaced by another module; while hooks watch the last conv, its BN or an SE module (pruning,
+    setrain.analyze, the gate histograms), which the fused forms do not call; and under torch.func
+    transforms (vmap), which have no batching rule for them."""
+    if isinstance(bn, nn.SyncBatchNorm) or not isinstance(se, SEBlock) or _hooked(conv, bn, se):
+        return None
+    compiling = torch.compiler.is_compiling()
+    if not compiling and torch._C._functorch.is_functorch_wrapped_tensor(x):  # which dynamo cannot trace
         return None
     inference = not bn.training and not torch.is_grad_enabled()
-    compiling = torch.compiler.is_compiling()
     if fused == "auto":
         fused = AUTO.get((x.device.type, compiling, inference), False)
     if not fused:
@@ -78,10 +81,10 @@ def fused_form(fused, x: Tensor, bn: nn.Module, se: nn.Module) -> str | None:
     return "folded" if folds else "op"
 
 
-def _hooked(module: nn.Module) -> bool:
+def _hooked(*modules: nn.Module) -> bool:
     return any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for m in module.modules()
+        for module in modules for m in module.modules()
     )  # fmt: skip
 
 
@@ -127,21 +130,27 @@ class FoldedConstants(NamedTuple):
 
 
 class FoldCache:
-    """A block's `FoldedConstants`, computed again when a tensor they come from changes: in place
-    (an optimizer step, `load_state_dict`, EMA) or replaced (`.to()`). None for weights made under
-    `inference_mode`, whose changes no version counter records."""
+    """A block's `FoldedConstants`, computed again when a tensor they come from changes.
+
+    The weights are checked by identity and version counter, which in-place changes bump (an
+    optimizer step, `load_state_dict`, EMA; not writes through `.data`); BN's four vectors by
+    value, since BN's own forward in training updates its running statistics without bumping it.
+    None for tensors made under `inference_mode`, which have no version counter."""
 
     def __init__(self):
-        self.key, self.constants = None, None
+        self.key, self.statistics, self.constants = None, (), None
 
     def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, first: nn.Linear) -> FoldedConstants | None:
-        sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, first.weight, first.bias)
+        statistics = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        sources = (conv.weight, first.weight, first.bias, *statistics)
         if any(t.is_inference() for t in sources):
             return None
         key = (bn.eps, *((id(t), t.data_ptr(), t._version) for t in sources))
-        if key != self.key:
-            with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
+        if key != self.key or not all(map(torch.equal, statistics, self.statistics)):
+            # fp32 constants whatever the caller's autocast; usable outside inference mode too
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(conv.weight.device.type, enabled=False):
                 self.constants = _fold(conv, bn, first)
+                self.statistics = tuple(t.clone() for t in statistics)
             self.key = key
         return self.constants
 
@@ -182,7 +191,7 @@ def folded_tail(
         squeezed, weight, bias = h, constants.hidden_weight, constants.hidden_bias
     hidden = torch.addmm(bias, squeezed.sum((2, 3)), weight, alpha=1 / (squeezed.shape[2] * squeezed.shape[3]))
     g = _GATES_IN_PLACE[se.gate](F.linear(hidden.relu_(), second.weight, second.bias))
-    return torch.addcmul(identity, z, g.view(*g.shape, 1, 1), out=z).relu_()
+    return torch.addcmul(identity, z, g.view(*g.shape, 1, 1), out=z).relu_()  # z's dtype, as `+=` unfused
 
 
 def kernels(x: Tensor):

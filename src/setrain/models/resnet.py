@@ -81,7 +81,7 @@ class ResidualBlock(nn.Module):
         return self.last_bn(x) if last_bn else x
 
     def forward(self, x: Tensor) -> Tensor:
-        form = fused_form(self.fused, x, self.last_bn, self.se)
+        form = fused_form(self.fused, x, self.last_conv, self.last_bn, self.se)
         if form == "folded":
             h = self.last_conv_input(x)
             return folded_tail(h, self.downsample(x), self.last_conv, self.last_bn, self.se, self.fold_cache)
