@@ -81,10 +81,10 @@ def fused_form(fused, x: Tensor, conv: nn.Module, bn: nn.Module, se: nn.Module) 
     return "folded" if folds else "op"
 
 
-def _hooked(*modules: nn.Module) -> bool:
+def _hooked(conv: nn.Module, bn: nn.Module, se: SEBlock) -> bool:
     return any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for module in modules for m in module.modules()
+        for m in (conv, bn, se, se.excitation, *se.excitation)
     )  # fmt: skip
 
 
@@ -132,20 +132,21 @@ class FoldedConstants(NamedTuple):
 class FoldCache:
     """A block's `FoldedConstants`, computed again when a tensor they come from changes.
 
-    The weights are checked by identity and version counter, which in-place changes bump (an
-    optimizer step, `load_state_dict`, EMA; not writes through `.data`); BN's four vectors by
-    value, since BN's own forward in training updates its running statistics without bumping it.
-    None for tensors made under `inference_mode`, which have no version counter."""
+    Parameters are checked by identity and version counter, which in-place changes bump (an
+    optimizer step, `load_state_dict`, EMA; not writes through `.data`); BN's running statistics
+    also by value, since BN's own forward in training updates them without bumping it. None for
+    tensors made under `inference_mode`, which have no version counter."""
 
     def __init__(self):
         self.key, self.statistics, self.constants = None, (), None
 
     def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, first: nn.Linear) -> FoldedConstants | None:
-        statistics = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        sources = (conv.weight, first.weight, first.bias, *statistics)
-        if any(t.is_inference() for t in sources):
+        statistics = (bn.running_mean, bn.running_var)
+        sources = (conv.weight, bn.weight, bn.bias, first.weight, first.bias, *statistics)
+        try:
+            key = (bn.eps, *((id(t), t.data_ptr(), t._version) for t in sources))
+        except RuntimeError:  # "Inference tensors do not track version counter"
             return None
-        key = (bn.eps, *((id(t), t.data_ptr(), t._version) for t in sources))
         if key != self.key or not all(map(torch.equal, statistics, self.statistics)):
             # fp32 constants whatever the caller's autocast; usable outside inference mode too
             with torch.inference_mode(False), torch.no_grad(), torch.autocast(conv.weight.device.type, enabled=False):
