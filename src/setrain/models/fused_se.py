@@ -149,7 +149,8 @@ class FoldCache:
             return None
         if key != self.key or not all(map(torch.equal, statistics, self.statistics)):
             # fp32 constants whatever the caller's autocast; usable outside inference mode too
-            with torch.inference_mode(False), torch.no_grad(), torch.autocast(conv.weight.device.type, enabled=False):
+            no_autocast = torch.autocast(conv.weight.device.type, enabled=False)
+            with torch.inference_mode(False), torch.no_grad(), no_autocast:
                 self.constants = _fold(conv, bn, first)
                 self.statistics = tuple(t.clone() for t in statistics)
             self.key = key
