@@ -18,7 +18,7 @@ is forward, cross-entropy, backward and an SGD step on random inputs. Measured p
 step, images/s, peak memory of a step, and the FLOP/s reached (conv and matmul FLOPs counted by
 torch.utils.flop_counter; the model FLOP utilisation against the GPU's peak when there is one).
 Also on the CPU: inference latency at batch 1 (224 px, 32 px for the CIFAR group) in
-`--inference-rounds` rounds (`--inference-only`: nothing else), and the time from `python train.py`
+`--inference-rounds` rounds (`--inference-only`: that alone, printed), and the time from `python train.py`
 (default config) to its first training step. `--device cuda` measures bf16 autocast,
 channels_last, batch 256 and 224 px instead. `--compile` adds channels_last settings in which
 every model is compiled by torch.compile's default inductor backend (as `trainer.compile=true`);
@@ -170,6 +170,11 @@ def step_figures(models: dict[str, Trainee]) -> dict[str, tuple[float, int]]:
     return {label: (t.peak_memory_mb(), t.flops_per_step()) for label, t in models.items()}
 
 
+def inference_size(group: Group) -> int:
+    """Batch-1 inference input: the group's own size (CIFAR's 32 px), else ImageNet's 224 px."""
+    return group.size or 224
+
+
 def inference_times(group, size: int, args) -> dict[str, list[float]]:
     """Seconds per image of batch-1 CPU inference (eval mode, channels_last), per round;
     with `--compile` also of each model compiled by inductor with freezing (weights folded into
@@ -307,7 +312,9 @@ def parse_args() -> argparse.Namespace:
         "--inference-rounds", type=int, default=30,
         help="interleaved rounds of batch-1 CPU inference per model (5 images each)",
     )  # fmt: skip
-    parser.add_argument("--inference-only", action="store_true", help="CPU batch-1 inference alone")
+    parser.add_argument(
+        "--inference-only", action="store_true", help="CPU batch-1 inference alone; prints, writes nothing"
+    )
     parser.add_argument("--batch-size", type=int, help="default: 32 on the CPU, 256 on CUDA")
     parser.add_argument(
         "--size", type=int, help="the ImageNet models' input size; default: 96 on the CPU, 224 on CUDA"
@@ -345,6 +352,8 @@ def parse_args() -> argparse.Namespace:
     args.groups = (args.groups or ("resnet50" if args.fused_check else "resnet50,cifar")).split(",")
     if args.fused_check:
         args.compile = args.skip_startup = args.no_write = True
+    if args.inference_only:  # a section without the training tables would replace the written one
+        args.skip_startup = args.no_write = True
     if cuda:
         args.quiet_wait, args.skip_startup = 0, True
     args.busy_at_round_start = []  # the CPU busy share (other processes') at each round's start
@@ -410,7 +419,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     lines, ratios = ([], []) if args.inference_only else measure(args, device)
     inference = device.type == "cpu" and not args.fused_check
-    latency = {key: inference_times(group.models, group.size or 224, args) for key, group in GROUPS.items()
+    latency = {key: inference_times(group.models, inference_size(group), args) for key, group in GROUPS.items()
                if inference and key in args.groups}  # fmt: skip
     seconds_to_start = None if args.skip_startup else startup(args.startup_runs, args.quiet_wait)
     text = report(args, device, kept_freed_memory, lines, ratios, latency, seconds_to_start)
@@ -444,11 +453,11 @@ def figures_and_rows(args, device, setting, key, seconds, faults, models) -> tup
 
 def inference_ratios(key: str, latency: dict, compile: bool) -> list[str]:
     """The batch-1 inference ratio rows of group `key`; SE-ResNet-50's fused one has a target."""
-    title, size, models = GROUPS[key]
-    fused, se, twin, timm_se, _ = (label for label, _ in models)
+    group = GROUPS[key]
+    fused, se, twin, timm_se, _ = (label for label, _ in group.models)
     rows = []
     for suffix, compiled in (("", False), (", compiled", True)) if compile else (("", False),):
-        what = f"CPU inference, batch 1, {size or 224} px{suffix}, {title}"
+        what = f"CPU inference, batch 1, {inference_size(group)} px{suffix}, {group.title}"
         target = TARGETS["cpu", compiled]["inference"] if key == "resnet50" else None
         rows.append(ratio_row(f"{what}, SE overhead, fused", latency, fused + suffix, twin + suffix, target))
         rows.append(ratio_row(f"{what}, SE overhead, unfused", latency, se + suffix, twin + suffix, None))
@@ -459,7 +468,7 @@ def inference_ratios(key: str, latency: dict, compile: bool) -> list[str]:
 def report(args, device, kept_freed_memory, lines, ratios, latency, seconds_to_start) -> str:
     """The section of docs/benchmarks.md: how it was measured, the tables, the ratios."""
     latency_rows = [
-        f"| {GROUPS[key].size or 224} px | {label} | {1000 * min(times):.1f} | {1000 * statistics.median(times):.1f} |"
+        f"| {inference_size(GROUPS[key])} px | {label} | {1000 * min(times):.1f} | {1000 * statistics.median(times):.1f} |"
         for key, group_latency in latency.items() for label, times in group_latency.items()
     ]  # fmt: skip
     for key, group_latency in latency.items():
