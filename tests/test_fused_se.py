@@ -83,6 +83,18 @@ def test_bottleneck_with_identity_shortcut(groups):
     assert_same_step(block, fused, x)
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+def test_per_sample_backward_sums(monkeypatch, memory_format):
+    """Large maps take the backward's per-(n, c) sums a sample at a time (BN's backward kernel)."""
+    monkeypatch.setattr(fused_se, "PER_SAMPLE_SUMS_FROM", 0)
+    sums, calls = fused_se._per_sample_sums, []
+    monkeypatch.setattr(fused_se, "_per_sample_sums", lambda *args: calls.append(args) or sums(*args))
+    block, fused = fused_pair(Bottleneck(32, 8, 1, se=dict(reduction=8)))
+    x = torch.randn(3, 32, 5, 4).to(memory_format=memory_format)
+    assert_same_step(block, fused, x)
+    assert calls
+
+
 EVAL_BLOCKS = {  # the last conv 1x1 (the squeeze folds through it) or 3x3; identity or projection shortcut
     "bottleneck": lambda gate: Bottleneck(32, 8, 1, se=dict(reduction=8, gate=gate)),
     "bottleneck-grouped-strided": lambda gate: Bottleneck(

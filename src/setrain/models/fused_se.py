@@ -206,19 +206,23 @@ def kernels(x: Tensor):
     return TorchKernels
 
 
+# The smallest sample map (C * H * W elements) whose backward sums `TorchKernels` takes per sample:
+# below it, a call per sample costs more than the pass over the temporary dz * x that it saves
+# (measured in docs/benchmarks.md, Fused SE).
+PER_SAMPLE_SUMS_FROM = 2**16
+
+
 class TorchKernels:
     """The passes over the feature maps in torch ops; statistics and sums in fp32 (or fp64). Maps
     are written into `empty_like(x)`, the layout the op's fake kernels promise."""
 
     @staticmethod
-    def moments(x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-(n, c) mean and biased variance over H, W: in eager ATen, two sums (of x and x**2)
-        are several times faster than var_mean over H, W, and lose digits of the variance only for
-        a mean far larger than the spread."""
+    def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-(n, c) means over H, W, and the batch's per-channel mean and biased variance: ATen's
+        batch-norm statistics read x without the temporary x * x that per-(n, c) variances need."""
         x = x.to(_accumulation(x))
-        area = x.shape[2] * x.shape[3]
-        mean = x.sum((2, 3)) / area
-        return mean, torch.clamp_min((x * x).sum((2, 3)) / area - mean * mean, 0)
+        mean, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
+        return x.sum((2, 3)) / (x.shape[2] * x.shape[3]), mean, var
 
     @staticmethod
     def means(x: Tensor) -> Tensor:
@@ -238,13 +242,27 @@ class TorchKernels:
             grad, out, 0, grad_input=torch.empty_like(x, dtype=grad.dtype)
         )
         dtype = _accumulation(x)
-        return dz, dz.sum((2, 3), dtype=dtype), (dz * x).sum((2, 3), dtype=dtype)
+        if x[0].numel() < PER_SAMPLE_SUMS_FROM:
+            return dz, dz.sum((2, 3), dtype=dtype), (dz * x).sum((2, 3), dtype=dtype)
+        return dz, *_per_sample_sums(dz, x, dtype)
 
     @staticmethod
     def input_grad(dz: Tensor, a: Tensor, x: Tensor, p: Tensor, r: Tensor) -> Tensor:
         """dz * a[n, c] + x * p[c] + r[n, c]."""
         dx = torch.addcmul(r[:, :, None, None], dz, a[:, :, None, None], out=torch.empty_like(x))
         return dx.addcmul_(x, p[None, :, None, None])
+
+
+def _per_sample_sums(dz: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) sums of dz and of dz * x, a sample at a time: given mean 0 and rstd 1, BN's backward
+    kernel sums both (its dbeta and dgamma) over all but the channels in one read, with no temporary."""
+    zero, one = x.new_zeros(x.shape[1], dtype=dtype), x.new_ones(x.shape[1], dtype=dtype)
+    t0, t1 = x.new_empty((2, *x.shape[:2]), dtype=dtype)
+    for n in range(x.shape[0]):
+        _, t1[n], t0[n] = torch.ops.aten.native_batch_norm_backward(
+            dz[n : n + 1], x[n : n + 1], None, None, None, zero, one, True, 0.0, [False, True, True]
+        )
+    return t0, t1
 
 
 def _accumulation(x: Tensor) -> torch.dtype:
@@ -292,10 +310,8 @@ def _excitation(means, mean, var, gamma, beta, w1, b1, w2, b2, eps: float, gate:
 def _forward(ops, x, identity, gamma, beta, w1, b1, w2, b2, running_mean, running_var, eps, gate):
     """(out, mean, var, means): the tail's output, BN's statistics (the batch's, or the running
     ones given) and the per-(n, c) means of x, in the passes of `ops`."""
-    if running_mean is None:  # the batch statistics, by the law of total variance
-        means, variances = ops.moments(x)
-        mean = means.mean(0)
-        var = variances.mean(0) + (means - mean).square().mean(0)
+    if running_mean is None:
+        means, mean, var = ops.batch_moments(x)
     else:  # the running statistics: only the squeeze reads x; outputs must not be inputs
         means = ops.means(x)
         mean, var = (stat.to(means.dtype, copy=True) for stat in (running_mean, running_var))

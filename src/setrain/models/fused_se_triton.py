@@ -1,4 +1,4 @@
-"""Triton kernels of the fused SE tail (`fused_se.TorchKernels` has the same four functions).
+"""Triton kernels of the fused SE tail (`fused_se.TorchKernels` has the same five functions).
 
 A feature map (N, C, H, W), contiguous or channels_last, is read as (N, L = H*W, C) through its
 strides. The two reductions run one program per (n, block of channels) and walk L; the two
@@ -121,6 +121,14 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor]:
     L, C = x.shape[2] * x.shape[3], x.shape[1]
     _moments_kernel[_grid_reduce(x)](x, mean, var, L, C, *strides, BL=BLOCK_L, BC=BLOCK_C)
     return mean, var
+
+
+def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-(n, c) means over H, W, and the batch's per-channel mean and biased variance, from the
+    per-(n, c) moments of one pass by the law of total variance."""
+    means, variances = moments(x)
+    mean = means.mean(0)
+    return means, mean, variances.mean(0) + (means - mean).square().mean(0)
 
 
 def means(x: Tensor) -> Tensor:
