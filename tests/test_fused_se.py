@@ -271,9 +271,11 @@ def compare_backends(device: str, dtype: torch.dtype = torch.float32, shape=(2, 
     grad = torch.randn(shape, device=device, dtype=dtype)
     results = {}
     for ops in (fused_se.TorchKernels, fused_se_triton):
-        out, mean, var, means = fused_se._forward(ops, *arguments)
-        grads = fused_se._backward(ops, grad, x, out, means, mean, var, *parameters, 1e-5, "sigmoid", True)
-        results[ops] = [out, mean, var, means, *grads]
+        out, mean, var, means, hidden, g = fused_se._forward(ops, *arguments)
+        grads = fused_se._backward(
+            ops, grad, x, out, means, hidden, g, mean, var, *parameters, 1e-5, "sigmoid", True
+        )
+        results[ops] = [out, mean, var, means, hidden, g, *grads]
     tolerance = dict(rtol=rtol, atol=rtol) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for expected, value in zip(results[fused_se.TorchKernels], results[fused_se_triton]):
         torch.testing.assert_close(value, expected, **tolerance)
@@ -301,9 +303,9 @@ def test_the_op_and_its_backward_pass_torch_library_opcheck(training):
     if not training:
         arguments[8:10] = torch.randn(14) * 0.1, torch.rand(14) + 0.5
     torch.library.opcheck(fused_se.fused_tail, tuple(arguments))
-    out, mean, var, means = fused_se.fused_tail(*arguments)
+    out, mean, var, means, hidden, g = fused_se.fused_tail(*arguments)
     x, _, *parameters = (t.detach() for t in arguments[:8])
-    saved = (x, out.detach(), means, mean, var, *parameters)
+    saved = (x, out.detach(), means, hidden, g, mean, var, *parameters)
     torch.library.opcheck(fused_se.fused_tail_backward, (torch.randn_like(out), *saved, 1e-5, "sigmoid", training))
 
 

@@ -106,7 +106,7 @@ def se_residual_tail(x: Tensor, identity: Tensor, bn: nn.BatchNorm2d, se: nn.Mod
         bn.num_batches_tracked.add_(1)
         factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     first, second = se.excitation[0], se.excitation[2]
-    out, mean, var, _ = fused_tail(
+    out, mean, var, *_ = fused_tail(
         x, identity, bn.weight, bn.bias, first.weight, first.bias, second.weight, second.bias,
         None if batch_stats else bn.running_mean, None if batch_stats else bn.running_var, bn.eps, se.gate,
     )  # fmt: skip
@@ -257,11 +257,13 @@ def _per_sample_sums(dz: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor,
     """Per-(n, c) sums of dz and of dz * x, a sample at a time: given mean 0 and rstd 1, BN's backward
     kernel sums both (its dbeta and dgamma) over all but the channels in one read, with no temporary."""
     zero, one = x.new_zeros(x.shape[1], dtype=dtype), x.new_ones(x.shape[1], dtype=dtype)
-    t0, t1 = x.new_empty((2, *x.shape[:2]), dtype=dtype)
-    for n in range(x.shape[0]):
-        _, t1[n], t0[n] = torch.ops.aten.native_batch_norm_backward(
-            dz[n : n + 1], x[n : n + 1], None, None, None, zero, one, True, 0.0, [False, True, True]
-        )
+    sums = [
+        torch.ops.aten.native_batch_norm_backward(
+            dz_n, x_n, None, None, None, zero, one, True, 0.0, [False, True, True]
+        )[1:]
+        for dz_n, x_n in zip(dz.split(1), x.split(1))
+    ]  # fmt: skip
+    t1, t0 = (torch.stack(sum_n) for sum_n in zip(*sums))
     return t0, t1
 
 
@@ -294,32 +296,37 @@ class Excitation(NamedTuple):
     g: Tensor
 
 
-def _excitation(means, mean, var, gamma, beta, w1, b1, w2, b2, eps: float, gate: str) -> Excitation:
-    """From the per-(n, c) means of x and BN's statistics: a few (N, C) ops, which the backward
-    recomputes rather than keeping them from the forward."""
-    dtype = means.dtype
+def _normalization(means, mean, var, gamma, beta, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """rstd, k, h and the squeeze of `Excitation`: a few (C) and (N, C) ops, which the backward
+    recomputes; it keeps the excitation's hidden layer and gate, whose matrix products cost more."""
     rstd = torch.rsqrt(var + eps)
-    k = gamma.to(dtype) * rstd
-    h = beta.to(dtype) - mean * k
-    squeeze = means * k + h
-    hidden = F.linear(squeeze, w1.to(dtype), b1.to(dtype))
-    g = _GATES[gate](F.linear(hidden.relu(), w2.to(dtype), b2.to(dtype)))
+    k = gamma.to(means.dtype) * rstd
+    h = beta.to(means.dtype) - mean * k
+    return rstd, k, h, torch.addcmul(h, means, k)
+
+
+def _excitation(means, mean, var, gamma, beta, w1, b1, w2, b2, eps: float, gate: str) -> Excitation:
+    """From the per-(n, c) means of x and BN's statistics."""
+    rstd, k, h, squeeze = _normalization(means, mean, var, gamma, beta, eps)
+    hidden = F.linear(squeeze, w1.to(means.dtype), b1.to(means.dtype))
+    g = _GATES[gate](F.linear(hidden.relu(), w2.to(means.dtype), b2.to(means.dtype)))
     return Excitation(rstd, k, h, squeeze, hidden, g)
 
 
 def _forward(ops, x, identity, gamma, beta, w1, b1, w2, b2, running_mean, running_var, eps, gate):
-    """(out, mean, var, means): the tail's output, BN's statistics (the batch's, or the running
-    ones given) and the per-(n, c) means of x, in the passes of `ops`."""
+    """(out, mean, var, means, hidden, g): the tail's output, BN's statistics (the batch's, or the
+    running ones given), the per-(n, c) means of x, and the excitation's hidden layer (before its
+    ReLU) and gate, in the passes of `ops`."""
     if running_mean is None:
         means, mean, var = ops.batch_moments(x)
     else:  # the running statistics: only the squeeze reads x; outputs must not be inputs
         means = ops.means(x)
         mean, var = (stat.to(means.dtype, copy=True) for stat in (running_mean, running_var))
     e = _excitation(means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate)
-    return ops.scale_add_relu(x, e.k * e.g, e.h * e.g, identity), mean, var, means
+    return ops.scale_add_relu(x, e.k * e.g, e.h * e.g, identity), mean, var, means, e.hidden, e.g
 
 
-def _backward(ops, grad, x, out, means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate, batch_stats):
+def _backward(ops, grad, x, out, means, hidden, g, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate, batch_stats):
     """(dx, d identity, dgamma, dbeta, dw1, db1, dw2, db2) for dL/dout = `grad`.
 
     With dz = dL/d(pre-ReLU), T0 = sum_hw dz, T1 = sum_hw dz * x per (n, c) and ds the gradient
@@ -327,7 +334,7 @@ def _backward(ops, grad, x, out, means, mean, var, gamma, beta, w1, b1, w2, b2, 
     over (n, h, w) give dbeta and dgamma (sum dy * xhat) from T0, T1 and the means, and BN's
     backward, dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), is then dz * (k * g) + x * p[c] + r[n, c].
     """
-    e = _excitation(means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate)
+    e = Excitation(*_normalization(means, mean, var, gamma, beta, eps), hidden, g)
     dz, t0, t1 = ops.relu_grad_sums(grad, out, x)
     ds, dw1, db1, dw2, db2 = _excitation_backward(
         e.k * t1 + e.h * t0, gate, e.g, e.hidden, e.squeeze, w1.to(e.k.dtype), w2.to(e.k.dtype)
@@ -357,8 +364,8 @@ def _excitation_backward(dg, gate, g, hidden, squeeze, w1, w2) -> tuple[Tensor, 
 def fused_tail(
     x: Tensor, identity: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     running_mean: Tensor | None, running_var: Tensor | None, eps: float, gate: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(out, mean, var, means) of `_forward`; BN's running statistics, given, replace the batch's."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(out, mean, var, means, hidden, g) of `_forward`; BN's running statistics, given, replace the batch's."""
     with torch.autocast(x.device.type, enabled=False):
         return _forward(kernels(x), x, identity, gamma, beta, w1, b1, w2, b2, running_mean, running_var, eps, gate)
 
@@ -366,22 +373,26 @@ def fused_tail(
 @fused_tail.register_fake
 def _(x, identity, gamma, beta, w1, b1, w2, b2, running_mean, running_var, eps, gate):
     stats = x.new_empty(x.shape[1], dtype=_accumulation(x))
-    return torch.empty_like(x), stats, torch.empty_like(stats), x.new_empty(x.shape[:2], dtype=stats.dtype)
+    means = x.new_empty(x.shape[:2], dtype=stats.dtype)
+    hidden = x.new_empty((x.shape[0], w1.shape[0]), dtype=stats.dtype)
+    return torch.empty_like(x), stats, torch.empty_like(stats), means, hidden, torch.empty_like(means)
 
 
 @torch.library.custom_op("setrain::se_residual_tail_backward", mutates_args=())
 def fused_tail_backward(
-    grad: Tensor, x: Tensor, out: Tensor, means: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor,
-    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, eps: float, gate: str, batch_stats: bool,
+    grad: Tensor, x: Tensor, out: Tensor, means: Tensor, hidden: Tensor, g: Tensor, mean: Tensor, var: Tensor,
+    gamma: Tensor, beta: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, eps: float, gate: str, batch_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The gradients of `_backward`."""
     with torch.autocast(x.device.type, enabled=False):
         ops = kernels(x)
-        return _backward(ops, grad, x, out, means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate, batch_stats)
+        return _backward(
+            ops, grad, x, out, means, hidden, g, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate, batch_stats
+        )
 
 
 @fused_tail_backward.register_fake
-def _(grad, x, out, means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate, batch_stats):
+def _(grad, x, out, means, hidden, g, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate, batch_stats):
     return (
         torch.empty_like(x), torch.empty_like(x, dtype=grad.dtype),
         *(torch.empty_like(parameter) for parameter in (gamma, beta, w1, b1, w2, b2)),
@@ -390,13 +401,13 @@ def _(grad, x, out, means, mean, var, gamma, beta, w1, b1, w2, b2, eps, gate, ba
 
 def _setup_context(ctx, inputs, output) -> None:
     x, identity, gamma, beta, w1, b1, w2, b2, running_mean, _, eps, gate = inputs
-    out, mean, var, means = output
-    ctx.save_for_backward(x, out, means, mean, var, gamma, beta, w1, b1, w2, b2)
+    out, mean, var, means, hidden, g = output
+    ctx.save_for_backward(x, out, means, hidden, g, mean, var, gamma, beta, w1, b1, w2, b2)
     ctx.eps, ctx.gate, ctx.batch_stats, ctx.identity_dtype = eps, gate, running_mean is None, identity.dtype
-    ctx.mark_non_differentiable(mean, var, means)
+    ctx.mark_non_differentiable(mean, var, means, hidden, g)
 
 
-def _fused_tail_grads(ctx, grad, _mean, _var, _means):
+def _fused_tail_grads(ctx, grad, *_statistics):
     dx, dz, *parameter_grads = fused_tail_backward(grad, *ctx.saved_tensors, ctx.eps, ctx.gate, ctx.batch_stats)
     return dx, dz.to(ctx.identity_dtype), *parameter_grads, None, None, None, None
 
