@@ -275,13 +275,14 @@ _GATES = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
 _GATES_IN_PLACE = {"sigmoid": torch.sigmoid_, "tanh": torch.tanh_, "relu": torch.relu_}
 
 
-def _gate_grad(gate: str, g: Tensor) -> Tensor:
-    """d gate / d input, from the gate's output."""
-    if gate == "sigmoid":
-        return g * (1 - g)
-    if gate == "tanh":
-        return 1 - g * g
-    return (g > 0).to(g.dtype)
+def _relu_backward(grad: Tensor, out: Tensor) -> Tensor:
+    return torch.ops.aten.threshold_backward(grad, out, 0)
+
+
+# The gradient through each gate, from the gate's output: one op each
+_GATE_BACKWARDS = {
+    "sigmoid": torch.ops.aten.sigmoid_backward, "tanh": torch.ops.aten.tanh_backward, "relu": _relu_backward
+}  # fmt: skip
 
 
 class Excitation(NamedTuple):
@@ -337,17 +338,18 @@ def _backward(ops, grad, x, out, means, hidden, g, mean, var, gamma, beta, w1, b
     e = Excitation(*_normalization(means, mean, var, gamma, beta, eps), hidden, g)
     dz, t0, t1 = ops.relu_grad_sums(grad, out, x)
     ds, dw1, db1, dw2, db2 = _excitation_backward(
-        e.k * t1 + e.h * t0, gate, e.g, e.hidden, e.squeeze, w1.to(e.k.dtype), w2.to(e.k.dtype)
-    )
-    dbeta = (e.g * t0 + ds).sum(0)
-    dgamma = ((e.g * (t1 - mean * t0) + ds * (means - mean)) * e.rstd).sum(0)
+        torch.addcmul(e.h * t0, e.k, t1), gate, e.g, e.hidden, e.squeeze, w1.to(e.k.dtype), w2.to(e.k.dtype)
+    )  # (N, C) ops in few calls: at small maps and large C they cost as much as the passes
+    dbeta = torch.addcmul(ds, e.g, t0).sum(0)
+    centered_t1 = torch.addcmul(t1, t0, mean, value=-1)  # sum_hw dz * (x - mean)
+    dgamma = torch.addcmul(e.g * centered_t1, ds, means - mean).sum(0) * e.rstd
     area = x.shape[2] * x.shape[3]
     if batch_stats:  # BN's backward through the batch mean and variance
         count = x.shape[0] * area
         p = -e.k * e.rstd * dgamma / count
-        r = e.k * (ds / area - dbeta / count + mean * e.rstd * dgamma / count)
+        r = torch.addcmul(e.k * (mean * e.rstd * dgamma - dbeta) / count, ds, e.k, value=1 / area)
     else:
-        p, r = torch.zeros_like(e.k), e.k * ds / area
+        p, r = torch.zeros_like(e.k), ds * (e.k / area)
     dx = ops.input_grad(dz, e.k * e.g, x, p, r)
     small = zip((dgamma, dbeta, dw1, db1, dw2, db2), (gamma, beta, w1, b1, w2, b2))
     return dx, dz, *(value.to(parameter.dtype) for value, parameter in small)
@@ -355,8 +357,8 @@ def _backward(ops, grad, x, out, means, hidden, g, mean, var, gamma, beta, w1, b
 
 def _excitation_backward(dg, gate, g, hidden, squeeze, w1, w2) -> tuple[Tensor, ...]:
     """Gradients of g = gate(w2 relu(w1 s + b1) + b2) for dL/dg: (ds, dw1, db1, dw2, db2)."""
-    dpre = dg * _gate_grad(gate, g)
-    dhidden = (dpre @ w2) * (hidden > 0)
+    dpre = _GATE_BACKWARDS[gate](dg, g)
+    dhidden = _relu_backward(dpre @ w2, hidden)
     return dhidden @ w1, dhidden.T @ squeeze, dhidden.sum(0), dpre.T @ hidden.relu(), dpre.sum(0)
 
 
