@@ -95,6 +95,17 @@ def test_per_sample_backward_sums(monkeypatch, memory_format):
     assert calls
 
 
+def test_per_sample_sums_only_where_bn_backward_sums_in_fp32(monkeypatch):
+    """BN's backward kernel takes one dtype, and sums in fp32 only in the NCHW and NHWC layouts."""
+    monkeypatch.setattr(fused_se, "PER_SAMPLE_SUMS_FROM", 0)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.bfloat16)
+    assert fused_se._sums_per_sample(torch.randn_like(x), x)
+    x = x.to(memory_format=torch.channels_last)
+    assert fused_se._sums_per_sample(torch.randn_like(x), x)
+    assert not fused_se._sums_per_sample(torch.randn_like(x, dtype=torch.float32), x)
+    assert not fused_se._sums_per_sample(torch.randn_like(x)[..., ::2], x[..., ::2])
+
+
 EVAL_BLOCKS = {  # the last conv 1x1 (the squeeze folds through it) or 3x3; identity or projection shortcut
     "bottleneck": lambda gate: Bottleneck(32, 8, 1, se=dict(reduction=8, gate=gate)),
     "bottleneck-grouped-strided": lambda gate: Bottleneck(
@@ -205,8 +216,10 @@ def test_fp64_is_exact_to_fp64_rounding():
     assert_same_step(block, fused, x, tolerance=dict(rtol=1e-12, atol=1e-12))
 
 
-def test_bf16_autocast_is_within_bf16_rounding_of_fp32():
+@pytest.mark.parametrize("per_sample", [False, True], ids=["summed", "per-sample-sums"])
+def test_bf16_autocast_is_within_bf16_rounding_of_fp32(monkeypatch, per_sample):
     """Fused under bf16 autocast is as close to the fp32 result as the unfused block is."""
+    monkeypatch.setattr(fused_se, "PER_SAMPLE_SUMS_FROM", 0 if per_sample else fused_se.PER_SAMPLE_SUMS_FROM)
     block, fused = fused_pair(BasicBlock(16, 16, 1, se=dict(reduction=4)))
     x = torch.randn(4, 16, 6, 6)
     reference, reference_grad = run(copy.deepcopy(block), x, torch.ones(4, 16, 6, 6))
@@ -344,8 +357,9 @@ def test_compiles_into_one_graph_of_the_opaque_ops_keeping_what_eager_keeps():
     compiled = torch.compile(fused, backend=backend, fullgraph=True)
     assert_same_step(block, compiled, x)
     assert graphs["backward"]
-    assert all(graph.count("torch.ops.setrain.se_residual_tail.default") == 1 for graph in graphs["forward"])
-    assert all(graph.count("torch.ops.setrain.se_residual_tail_backward.default") == 1 for graph in graphs["backward"])
+    assert all(graph.count("torch.ops.setrain.se_residual_tail_v2.default") == 1 for graph in graphs["forward"])
+    backward_op = "torch.ops.setrain.se_residual_tail_backward_v2.default"
+    assert all(graph.count(backward_op) == 1 for graph in graphs["backward"])
     assert saved_bytes(compiled, x) == saved_bytes(fused, x)
 
 

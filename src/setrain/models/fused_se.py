@@ -8,8 +8,8 @@ applies BN on the fly; BN's output and the scaled map are never stored. The back
 gradient, the output and x to get dL/dpre and its per-(n, c) sums (all that the excitation, BN's
 parameters and its batch statistics need, derived below), then writes dL/dx in one more pass.
 
-The tail and its backward are two `torch.library` custom ops, `setrain::se_residual_tail` and
-`setrain::se_residual_tail_backward`: torch.compile and DDP see each as one opaque op, so a
+The tail and its backward are two `torch.library` custom ops, `setrain::se_residual_tail_v2` and
+`setrain::se_residual_tail_backward_v2`: torch.compile and DDP see each as one opaque op, so a
 compiled model keeps for the backward what eager keeps (x, the output, per-channel statistics)
 and runs the same kernels. These are Triton's on CUDA (`fused_se_triton`) and torch ops elsewhere.
 Only the standard placement with the average squeeze fuses; other variants run the block as written.
@@ -242,15 +242,22 @@ class TorchKernels:
             grad, out, 0, grad_input=torch.empty_like(x, dtype=grad.dtype)
         )
         dtype = _accumulation(x)
-        if x[0].numel() < PER_SAMPLE_SUMS_FROM:
-            return dz, dz.sum((2, 3), dtype=dtype), (dz * x).sum((2, 3), dtype=dtype)
-        return dz, *_per_sample_sums(dz, x, dtype)
+        if _sums_per_sample(dz, x):
+            return dz, *_per_sample_sums(dz, x, dtype)
+        return dz, dz.sum((2, 3), dtype=dtype), (dz * x).sum((2, 3), dtype=dtype)
 
     @staticmethod
     def input_grad(dz: Tensor, a: Tensor, x: Tensor, p: Tensor, r: Tensor) -> Tensor:
         """dz * a[n, c] + x * p[c] + r[n, c]."""
         dx = torch.addcmul(r[:, :, None, None], dz, a[:, :, None, None], out=torch.empty_like(x))
         return dx.addcmul_(x, p[None, :, None, None])
+
+
+def _sums_per_sample(dz: Tensor, x: Tensor) -> bool:
+    """Whether `_per_sample_sums` takes the sums: for large maps, of one dtype (BN's backward kernel
+    takes no other), in the two layouts whose kernels sum in fp32 whatever the dtype."""
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    return x[0].numel() >= PER_SAMPLE_SUMS_FROM and dz.dtype == x.dtype and dense
 
 
 def _per_sample_sums(dz: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -362,7 +369,7 @@ def _excitation_backward(dg, gate, g, hidden, squeeze, w1, w2) -> tuple[Tensor, 
     return dhidden @ w1, dhidden.T @ squeeze, dhidden.sum(0), dpre.T @ hidden.relu(), dpre.sum(0)
 
 
-@torch.library.custom_op("setrain::se_residual_tail", mutates_args=())
+@torch.library.custom_op("setrain::se_residual_tail_v2", mutates_args=())
 def fused_tail(
     x: Tensor, identity: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     running_mean: Tensor | None, running_var: Tensor | None, eps: float, gate: str,
@@ -380,10 +387,11 @@ def _(x, identity, gamma, beta, w1, b1, w2, b2, running_mean, running_var, eps, 
     return torch.empty_like(x), stats, torch.empty_like(stats), means, hidden, torch.empty_like(means)
 
 
-@torch.library.custom_op("setrain::se_residual_tail_backward", mutates_args=())
+@torch.library.custom_op("setrain::se_residual_tail_backward_v2", mutates_args=())
 def fused_tail_backward(
     grad: Tensor, x: Tensor, out: Tensor, means: Tensor, hidden: Tensor, g: Tensor, mean: Tensor, var: Tensor,
-    gamma: Tensor, beta: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, eps: float, gate: str, batch_stats: bool,
+    gamma: Tensor, beta: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+    eps: float, gate: str, batch_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The gradients of `_backward`."""
     with torch.autocast(x.device.type, enabled=False):
