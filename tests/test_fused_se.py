@@ -119,10 +119,11 @@ EVAL_BLOCKS = {  # the last conv 1x1 (the squeeze folds through it) or 3x3; iden
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("kind", EVAL_BLOCKS)
-def test_eval_without_autograd_folds_bn_into_the_conv(monkeypatch, no_autograd, memory_format, gate, kind):
+@pytest.mark.parametrize("batch", [3, 1])
+def test_eval_without_autograd_folds_bn_into_the_conv(monkeypatch, no_autograd, memory_format, gate, kind, batch):
     block, fused = (model.eval() for model in fused_pair(EVAL_BLOCKS[kind](gate)))
     monkeypatch.setattr(fused_se, "fused_tail", lambda *a: _unreachable())  # not the custom op
-    x = torch.randn(3, block.conv1.in_channels, 6, 5).to(memory_format=memory_format)
+    x = torch.randn(batch, block.conv1.in_channels, 6, 5).to(memory_format=memory_format)
     with no_autograd():
         out = fused(x)
         torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)

@@ -132,27 +132,26 @@ class FoldedConstants(NamedTuple):
 class FoldCache:
     """A block's `FoldedConstants`, computed again when a tensor they come from changes.
 
-    Parameters are checked by identity and version counter, which in-place changes bump (an
-    optimizer step, `load_state_dict`, EMA; not writes through `.data`); BN's running statistics
-    also by value, since BN's own forward in training updates them without bumping it. None for
-    tensors made under `inference_mode`, which have no version counter."""
+    Tensors are checked by identity and version counter, which in-place changes bump (an optimizer
+    step, `load_state_dict`, EMA; not writes through `.data`). BN's own forward in training updates
+    its running statistics without bumping theirs, but counts up `num_batches_tracked`, which is
+    checked with them. None for tensors made under `inference_mode`, which have no version counter."""
 
     def __init__(self):
-        self.key, self.statistics, self.constants = None, (), None
+        self.key, self.constants = None, None
 
     def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, first: nn.Linear) -> FoldedConstants | None:
-        statistics = (bn.running_mean, bn.running_var)
-        sources = (conv.weight, bn.weight, bn.bias, first.weight, first.bias, *statistics)
+        sources = (conv.weight, bn.weight, bn.bias, first.weight, first.bias)
+        sources += (bn.running_mean, bn.running_var, bn.num_batches_tracked)
         try:
             key = (bn.eps, *((id(t), t.data_ptr(), t._version) for t in sources))
         except RuntimeError:  # "Inference tensors do not track version counter"
             return None
-        if key != self.key or not all(map(torch.equal, statistics, self.statistics)):
+        if key != self.key:
             # fp32 constants whatever the caller's autocast; usable outside inference mode too
             no_autocast = torch.autocast(conv.weight.device.type, enabled=False)
             with torch.inference_mode(False), torch.no_grad(), no_autocast:
                 self.constants = _fold(conv, bn, first)
-                self.statistics = tuple(t.clone() for t in statistics)
             self.key = key
         return self.constants
 
@@ -196,6 +195,13 @@ def folded_tail(
     return torch.addcmul(identity, z, g.view(*g.shape, 1, 1), out=z).relu_()  # z's dtype, as `+=` unfused
 
 
+def _add_relu_(out: Tensor, other: Tensor) -> Tensor:
+    """relu(out + other) into `out`: one pass with ATen's fused CPU kernel, for the dtypes it takes."""
+    if out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64) and other.dtype == out.dtype:
+        return torch.ops.aten._add_relu_(out, other)
+    return out.add_(other).relu_()
+
+
 def kernels(x: Tensor):
     """The passes over the feature maps: Triton's on CUDA (they compute in fp32, so not for fp64),
     torch's elsewhere."""
@@ -233,7 +239,7 @@ class TorchKernels:
     def scale_add_relu(x: Tensor, a: Tensor, b: Tensor, identity: Tensor) -> Tensor:
         """relu(x * a[n, c] + b[n, c] + identity)."""
         out = torch.addcmul(b[:, :, None, None], x, a[:, :, None, None], out=torch.empty_like(x))
-        return out.add_(identity).relu_()
+        return _add_relu_(out, identity)
 
     @staticmethod
     def relu_grad_sums(grad: Tensor, out: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -415,6 +421,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, out, means, hidden, g, mean, var, gamma, beta, w1, b1, w2, b2)
     ctx.eps, ctx.gate, ctx.batch_stats, ctx.identity_dtype = eps, gate, running_mean is None, identity.dtype
     ctx.mark_non_differentiable(mean, var, means, hidden, g)
+    ctx.set_materialize_grads(False)  # no zeros for the statistics' gradients, which are never read
 
 
 def _fused_tail_grads(ctx, grad, *_statistics):
