@@ -195,13 +195,6 @@ def folded_tail(
     return torch.addcmul(identity, z, g.view(*g.shape, 1, 1), out=z).relu_()  # z's dtype, as `+=` unfused
 
 
-def _add_relu_(out: Tensor, other: Tensor) -> Tensor:
-    """relu(out + other) into `out`: one pass with ATen's fused CPU kernel, for the dtypes it takes."""
-    if out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64) and other.dtype == out.dtype:
-        return torch.ops.aten._add_relu_(out, other)
-    return out.add_(other).relu_()
-
-
 def kernels(x: Tensor):
     """The passes over the feature maps: Triton's on CUDA (they compute in fp32, so not for fp64),
     torch's elsewhere."""
@@ -278,6 +271,13 @@ def _per_sample_sums(dz: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor,
     ]  # fmt: skip
     t1, t0 = (torch.stack(sum_n) for sum_n in zip(*sums))
     return t0, t1
+
+
+def _add_relu_(out: Tensor, other: Tensor) -> Tensor:
+    """relu(out + other) into `out`: one pass with ATen's fused CPU kernel, for the dtypes it takes."""
+    if out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64) and other.dtype == out.dtype:
+        return torch.ops.aten._add_relu_(out, other)
+    return out.add_(other).relu_()
 
 
 def _accumulation(x: Tensor) -> torch.dtype:
