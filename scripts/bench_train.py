@@ -3,6 +3,7 @@
     python scripts/bench_train.py   # about 10 minutes on 2 idle CPU cores; writes docs/benchmarks.md
     python scripts/bench_train.py --no-write --rounds 3 --skip-startup
     python scripts/bench_train.py --profile  # where the step time goes, op by op (one thread)
+    python scripts/bench_train.py --tails  # what each stage's SE tail costs over the plain block's
     python scripts/bench_train.py --compile  # adds every model under torch.compile (inductor)
     PYTHONPATH=src python3 scripts/bench_train.py --device cuda --fused-check  # GPU, no hydra needed
 
@@ -26,6 +27,9 @@ its compilation happens in the warm-up round, which is not kept. On the CPU, mal
 memory for reuse, as setrain's trainer sets it (`trainer.keep_freed_memory`); `--default-malloc`
 measures without that. `--fused-check` is the fused-SE comparison alone (the resnet50 group,
 eager and compiled, timm eager only; no inference, start-up or docs): a few minutes on a GPU.
+`--tails` takes the CPU's SE overhead apart by stage: each stage's block tail alone (BN, SE,
+residual add and ReLU, forward and backward) fused, unfused and plain, and SE's FCs alone, times
+the stage's blocks, against the plain twin's step.
 """
 
 import argparse
@@ -45,6 +49,8 @@ from timm.layers import SEModule
 from torch import nn
 
 from setrain.models import create_model
+from setrain.models.fused_se import se_residual_tail
+from setrain.models.se import SEBlock
 
 SECTION = "## Training speed"
 
@@ -263,6 +269,84 @@ def op_profile(group, args, device, threads: int = 1, rows: int = 16) -> str:
     return "\n".join(lines)
 
 
+def tail_blocks(build, size: int) -> dict[tuple[int, int, int], list]:
+    """The residual blocks of an SE model by the (C, H, W) of their SE input at `size` px: a stage each."""
+    model = build().eval()
+    blocks = [block for block in model.modules() if isinstance(getattr(block, "se", None), SEBlock)]
+    shapes = {}
+
+    def record(se, inputs) -> None:
+        shapes[se] = tuple(inputs[0].shape[1:])
+
+    handles = [block.se.register_forward_pre_hook(record) for block in blocks]
+    with torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    for handle in handles:
+        handle.remove()
+    stages = {}
+    for block in blocks:
+        stages.setdefault(shapes[block.se], []).append(block)
+    return stages
+
+
+def tail_measures(block, shape: tuple[int, int, int], batch: int, calls: int = 10) -> dict[str, object]:
+    """Seconds per forward and backward of one block's tail on a channels_last map: BN, add and
+    ReLU as in the plain twin, fused, unfused; and SE's two FCs and gate alone on the (N, C) squeeze."""
+    x, identity, grad = (torch.randn(batch, *shape).to(memory_format=torch.channels_last) for _ in range(3))
+    squeeze, gate_grad = torch.randn(batch, shape[0]), torch.randn(batch, shape[0])
+    bn, se = block.last_bn.train(), block.se.train()
+    for tensor in (x, identity, squeeze):
+        tensor.requires_grad_()
+    plain_inputs = (x, identity, *bn.parameters())
+    se_inputs = (*plain_inputs, *se.parameters())
+    tails = {  # the gradients of everything a training step takes them for, none accumulated
+        "plain": lambda: torch.autograd.grad(bn(x).add_(identity).relu_(), plain_inputs, grad),
+        "fused": lambda: torch.autograd.grad(se_residual_tail(x, identity, bn, se), se_inputs, grad),
+        "unfused": lambda: torch.autograd.grad(se(bn(x)).add_(identity).relu_(), se_inputs, grad),
+        "SE's FCs": lambda: torch.autograd.grad(se.excitation(squeeze), (squeeze, *se.parameters()), gate_grad),
+    }
+
+    def seconds(tail) -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            tail()
+        return (time.perf_counter() - started) / calls
+
+    return {f"{shape}, {label}": partial(seconds, tail) for label, tail in tails.items()}
+
+
+def tail_table(key: str, args) -> str:
+    """Where the SE model's extra step time goes: each stage's tail, forward and backward, fused and
+    unfused against the plain twin's, times its blocks, beside the plain twin's whole step."""
+    group = GROUPS[key]
+    size = group.size or args.size
+    stages = tail_blocks(group.models[1][1], size)
+    measures = {}
+    for shape, blocks in stages.items():
+        measures.update(tail_measures(blocks[0], shape, args.batch_size))
+    twin = trainees(group.models[2:3], size, args, torch.device("cpu"), Setting("", True, None, False))
+    measures["twin step"] = partial(next(iter(twin.values())).seconds_per_step, 1)
+    best = {label: min(v) for label, v in interleaved(measures, args.rounds, args.quiet_wait, []).items()}
+    lines = [
+        f"{group.title}, batch {args.batch_size}, {size} px, fp32 channels_last: ms per tail, forward and "
+        f"backward (fastest of {args.rounds} interleaved rounds); per step, times the stage's blocks",
+        "",
+        "| C x H x W | blocks | plain | fused | unfused | SE's FCs | per step: fused − plain | unfused − plain | SE's FCs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    totals = [0.0, 0.0, 0.0]
+    for shape, blocks in stages.items():
+        ms = [1000 * best[f"{shape}, {label}"] for label in ("plain", "fused", "unfused", "SE's FCs")]
+        extra = [len(blocks) * (ms[1] - ms[0]), len(blocks) * (ms[2] - ms[0]), len(blocks) * ms[3]]
+        totals = [t + e for t, e in zip(totals, extra)]
+        cells = " | ".join(f"{v:.2f}" for v in ms + extra)
+        lines.append(f"| {' x '.join(map(str, shape))} | {len(blocks)} | {cells} |")
+    step = 1000 * best["twin step"]
+    shares = " | ".join(f"{t:.1f} ({100 * t / step:.1f}%)" for t in totals)
+    lines.append(f"| all, against the plain twin's step of {step:.0f} ms | | | | | | {shares} |")
+    return "\n".join(lines)
+
+
 def against(value: float, target: float | None) -> str:
     """The target and verdict cells of a ratio that should be at most `target` (None: no target)."""
     verdict = "" if target is None else ("met" if value <= target else "not met")
@@ -340,6 +424,11 @@ def parse_args() -> argparse.Namespace:
         "channels_last, eager and compiled (timm eager only); prints, writes nothing",
     )  # fmt: skip
     parser.add_argument(
+        "--tails", action="store_true",
+        help="print where the SE models' extra step time goes: each stage's block tail, forward and backward, "
+        "fused and unfused against the plain twin's (CPU, fp32 channels_last), and stop",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile", action="store_true",
         help="print the op-level CPU profile of the SE-ResNet-50 group (one thread) and stop",
     )  # fmt: skip
@@ -414,6 +503,9 @@ def main() -> None:
         kept_freed_memory = keep_freed_memory()
     if args.profile:
         print(op_profile(GROUPS["resnet50"].models, args, torch.device("cpu")))
+        return
+    if args.tails:
+        print("\n\n".join(tail_table(key, args) for key in args.groups))
         return
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
