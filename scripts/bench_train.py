@@ -433,8 +433,11 @@ def parse_args() -> argparse.Namespace:
         help="print the op-level CPU profile of the SE-ResNet-50 group (one thread) and stop",
     )  # fmt: skip
     args = parser.parse_args()
+    cpu_only = args.tails or args.profile
+    if cpu_only and args.device == "cuda":
+        parser.error("--tails and --profile measure on the CPU; leave out --device cuda.")
     if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
     cuda = args.device == "cuda"
     args.batch_size = args.batch_size or (256 if cuda else 32)
     args.size = args.size or (224 if cuda else 96)
